@@ -1,0 +1,128 @@
+"""Shared fixtures: an isolated ROS 2 domain per test process and a real node process."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+# One DDS domain per pytest process, discovery on this host only: parallel runs and other
+# sessions on the machine never see each other's nodes.
+os.environ['ROS_DOMAIN_ID'] = str(1 + os.getpid() % 100)
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ.setdefault('RCUTILS_LOGGING_BUFFERED_STREAM', '0')
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TEST_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def installed_executable(package, name):
+    """Find an installed executable the way ``ros2 run`` does (ament index prefix)."""
+    from ament_index_python.packages import get_package_prefix
+    path = pathlib.Path(get_package_prefix(package)) / 'lib' / package / name
+    assert path.is_file(), f'{path} is not installed; run the colcon build first'
+    return path
+
+
+class NodeProcess:
+    """A node executable started with ``--ros-args``, its output kept in a file."""
+
+    def __init__(self, tmp_path, *ros_args, executable=None, name='vlm_node', env=None):
+        self.log_path = tmp_path / f'{name}.log'
+        exe = executable or installed_executable('vlm_ros', 'vlm_node')
+        cmd = [str(exe), '--ros-args', *ros_args]
+        self._log = open(self.log_path, 'w')
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def output(self):
+        return self.log_path.read_text()
+
+    def wait_for_output(self, text, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return True
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        return text in self.output()
+
+    def stop(self, timeout=15.0):
+        """SIGINT like Ctrl-C, then wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def node_process(tmp_path):
+    """Start the installed vlm_node with the given ros args; stopped after the test."""
+    started = []
+
+    def start(*ros_args, **kwargs):
+        proc = NodeProcess(tmp_path, *ros_args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+class RosClient:
+    """An rclpy node in its own context, spun by a background thread."""
+
+    def __init__(self, name='vlm_test_client'):
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = MultiThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def call(self, srv_type, name, request, timeout=30.0):
+        """Call a service, waiting for it to appear first; returns the response."""
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout), f'no service {name}'
+            future = client.call_async(request)
+            deadline = time.monotonic() + timeout
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert future.done(), f'{name} did not answer within {timeout} s'
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def close(self):
+        import rclpy
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def ros_client():
+    client = RosClient()
+    yield client
+    client.close()
+
+
+def python_script(path, *args):
+    """Command line that runs a helper script with this interpreter."""
+    return [sys.executable, str(path), *map(str, args)]

@@ -1,0 +1,1 @@
+"""The inference engine: plain Python, no rclpy."""
