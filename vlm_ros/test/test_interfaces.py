@@ -20,7 +20,11 @@ def echo_server():
     assert proc.stdout.readline().strip() == 'echo server ready'
     yield proc
     proc.terminate()
-    proc.wait(10)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:  # a loaded machine; the test's checks are done
+        proc.kill()
+        proc.wait()
 
 
 def test_request_defaults_mean_use_the_node_parameter():
