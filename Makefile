@@ -14,6 +14,9 @@ build:
 test:
 	scripts/test.sh $(PYTEST_ARGS)
 
+demo:
+	scripts/demo.sh $(ROS_ARGS)
+
 lint:
 	scripts/test.sh -m lint
 

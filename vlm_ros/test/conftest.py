@@ -108,6 +108,23 @@ class RosClient:
         finally:
             self.node.destroy_client(client)
 
+    def call_together(self, srv_type, name, requests, timeout=120.0):
+        """Send every request at once, each from its own client; return the responses."""
+        clients = [self.node.create_client(srv_type, name) for _ in requests]
+        try:
+            for client in clients:
+                assert client.wait_for_service(timeout_sec=timeout), f'no service {name}'
+            futures = [c.call_async(r)
+                       for c, r in zip(clients, requests, strict=True)]
+            deadline = time.monotonic() + timeout
+            while not all(f.done() for f in futures) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert all(f.done() for f in futures), f'{name}: some calls were never answered'
+            return [f.result() for f in futures]
+        finally:
+            for client in clients:
+                self.node.destroy_client(client)
+
     def close(self):
         import rclpy
         self.executor.shutdown()

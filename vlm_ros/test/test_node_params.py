@@ -33,7 +33,7 @@ def test_descriptors_and_validation(node_process, ros_client):
                                 DescribeParameters.Request(names=['top_p', 'queue_size']))
     top_p, queue_size = described.descriptors
     assert top_p.description and top_p.floating_point_range[0].to_value == 1.0
-    assert queue_size.integer_range[0].from_value == 0
+    assert queue_size.integer_range[0].from_value == 1
 
     def set_int(name, value):
         param = Parameter(name=name, value=ParameterValue(

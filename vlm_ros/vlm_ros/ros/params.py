@@ -102,8 +102,8 @@ SPECS = (
     Spec('autostart', True, 'Configure and activate by itself; false leaves the lifecycle to '
          'a manager.'),
     Spec('one_shot', False, 'feed_type 0: exit after the last answer (0 on success).'),
-    Spec('queue_size', 4, 'Requests waiting behind the one being answered; more are refused '
-         'as busy.', bounds=(0, 1024)),
+    Spec('queue_size', 4, 'Requests held at once, the one being answered included; more '
+         'are refused at once as busy.', bounds=(1, 1024)),
     Spec('request_timeout_s', 120.0, 'Longest a request may run before it is cancelled; '
          '0 = no limit.', bounds=(0.0, 86400.0)),
     # Remote backend.

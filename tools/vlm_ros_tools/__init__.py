@@ -1,0 +1,9 @@
+"""
+Test and development tooling for vlm_ros (needs PyTorch; never imported at run time).
+
+Modules:
+    tiny_tokenizer   -- a small byte-level BPE tokenizer with SmolVLM's special tokens.
+    smolvlm_factory  -- tiny random-weight SmolVLM checkpoints in the hub file layout.
+    export_onnx      -- ONNX export with the official hub graph names, plus a model cache.
+    check_export     -- end-to-end parity check of the exported graphs against transformers.
+"""

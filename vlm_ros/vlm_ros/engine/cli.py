@@ -1,0 +1,76 @@
+"""``vlm_ask``: answer one image and prompt from the shell, without ROS."""
+
+import argparse
+import json
+import sys
+
+from vlm_ros.engine.errors import VlmError
+from vlm_ros.engine.families.base import ImageOptions
+from vlm_ros.engine.model_files import ONNX_VARIANTS
+
+
+def build_parser():
+    """Command-line options: model, input and generation settings."""
+    p = argparse.ArgumentParser(prog='vlm_ask', description=__doc__.split('\n')[0].strip('`'))
+    p.add_argument('model_dir', help='model folder as laid out in its hub repository')
+    p.add_argument('image', nargs='?', help='image file (omit for a text-only prompt)')
+    p.add_argument('-p', '--prompt', default='Describe this image.')
+    p.add_argument('--system', default='', help='system prompt')
+    p.add_argument('--variant', default='fp32', choices=ONNX_VARIANTS,
+                   help='ONNX precision variant of the graphs')
+    p.add_argument('--vision-model', help='vision encoder file (relative to model_dir)')
+    p.add_argument('--decoder-model', help='decoder file (relative to model_dir)')
+    p.add_argument('--threads', type=int, default=0, help='0 = all cores')
+    p.add_argument('--split', dest='split', action='store_true', default=None,
+                   help='split large images into tiles')
+    p.add_argument('--no-split', dest='split', action='store_false')
+    p.add_argument('--max-tiles', type=int, default=0)
+    p.add_argument('--max-new-tokens', type=int, default=256)
+    p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+    p.add_argument('--top-k', type=int, default=0)
+    p.add_argument('--top-p', type=float, default=1.0)
+    p.add_argument('--repetition-penalty', type=float, default=1.0)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--beams', type=int, default=1)
+    p.add_argument('--stop', action='append', default=[], help='stop string (repeatable)')
+    p.add_argument('--stream', action='store_true', help='print text as it is generated')
+    p.add_argument('--json', action='store_true', help='print the result as JSON')
+    return p
+
+
+def main(argv=None):
+    """Run one request; exit 1 with the error on stderr when it fails."""
+    args = build_parser().parse_args(argv)
+    from vlm_ros.engine.pipeline import pipeline
+    try:
+        pipe = pipeline(args.model_dir, vision_model=args.vision_model,
+                        decoder_model=args.decoder_model, variant=args.variant,
+                        n_threads=args.threads,
+                        image_options=ImageOptions(args.split, args.max_tiles))
+        on_text = (lambda s: print(s, end='', flush=True)) if args.stream else None
+        result = pipe.generate(
+            args.image, args.prompt, args.system, on_text=on_text,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+            seed=args.seed, num_beams=args.beams, stop=tuple(args.stop))
+    except VlmError as exc:
+        print(f'vlm_ask: {exc}', file=sys.stderr)
+        return 1
+    if args.json:
+        t = result.timings
+        print(json.dumps({
+            'text': result.text, 'finish_reason': result.finish_reason,
+            'prompt_tokens': result.prompt_tokens, 'image_tokens': result.image_tokens,
+            'completion_tokens': result.completion_tokens, 'token_ids': result.token_ids,
+            'timings_ms': {'preprocess': t.preprocess_ms, 'vision': t.vision_ms,
+                           'prefill': t.prefill_ms, 'decode': t.decode_ms,
+                           'total': t.total_ms}}))
+    elif args.stream:
+        print()
+    else:
+        print(result.text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

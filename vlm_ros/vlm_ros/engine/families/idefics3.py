@@ -1,0 +1,398 @@
+"""
+Idefics3, SmolVLM and SmolVLM2: image tiling and prompt layout, exact to transformers.
+
+The image path is transformers' PIL image processor (``SmolVLMImageProcessorPil`` /
+``Idefics3ImageProcessorPil``), step by step and with its rounding:
+
+1. resize so the longest edge is ``size.longest_edge`` (small images are upscaled; the
+   other side is truncated and made even; capped at 4096);
+2. with splitting: resize both sides up to multiples of the tile (``max_image_size``), cut
+   the result into tiles row by row, and append the whole image resized to one tile as the
+   global view (an image that is already one tile stays a single frame); without splitting:
+   resize to one square tile;
+3. rescale and normalise (float64 multiply, float32 ``(x - mean) / std``), pad to the largest
+   frame and mark real pixels in ``pixel_attention_mask``.
+
+All resizing is Pillow with the configured filter (LANCZOS on the hub models), on uint8
+RGB, as in transformers. The prompt is the model's chat template with ``<image>`` expanded
+by the processor's rule: per tile ``<fake_token_around_image><row_r_col_c>`` and
+``image_seq_len`` ``<image>`` tokens, a newline after each tile row, one more newline, then
+the global view as ``<fake_token_around_image><global-img>``, its ``<image>`` tokens and
+``<fake_token_around_image>``.
+
+``ImageOptions.max_tiles`` (not a transformers option): when the configured longest edge
+would give a grid of more than ``max_tiles`` tiles, the longest edge is lowered to the
+largest multiple of the tile size, n * tile, whose grid has at most ``max_tiles`` tiles
+(n = 1 always fits: a single frame). The global view is not counted. Without a cap, or
+when the cap does not bind, the result is transformers' exactly.
+
+Special-token strings inside user text (prompt, system prompt) are encoded as plain text,
+as transformers does with ``sanitize_control_tokens=True``, so a prompt cannot forge image
+placeholders or turn ends.
+"""
+
+from dataclasses import dataclass
+import math
+import re
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from vlm_ros.engine import images
+from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_END,
+                                          CONTROL_START, control_token_pattern,
+                                          mark_control_tokens)
+from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
+                                   UnsupportedModelError)
+from vlm_ros.engine.families.base import ImageOptions, ModelFamily, PreparedRequest
+from vlm_ros.engine.model_files import load_json, text_config
+from vlm_ros.engine.tokenizer import Tokenizer
+
+MODEL_TYPES = ('smolvlm', 'idefics3')
+# transformers' MAX_IMAGE_SIZE: absolute cap on the resized longest edge.
+MAX_IMAGE_SIZE = 4096
+# Image processor class defaults, used when preprocessor_config.json omits a key.
+DEFAULTS = {
+    'do_resize': True, 'size': {'longest_edge': 4 * 364}, 'resample': 1,
+    'do_rescale': True, 'rescale_factor': 1.0 / 255.0, 'do_normalize': True,
+    'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5],
+    'do_image_splitting': True, 'max_image_size': {'longest_edge': 364}, 'do_pad': True,
+}
+FAKE_IMAGE_TOKEN = '<fake_token_around_image>'
+IMAGE_TOKEN = '<image>'
+GLOBAL_IMAGE_TOKEN = '<global-img>'
+
+
+def rescale_to_longest_edge(height, width, max_len, min_len=1) -> Tuple[int, int]:
+    """Size the longest edge to ``max_len``, the other side even (transformers' rule)."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = max_len
+        height = int(width / aspect_ratio)
+        if height % 2 != 0:
+            height += 1
+    else:
+        height = max_len
+        width = int(height * aspect_ratio)
+        if width % 2 != 0:
+            width += 1
+    return max(height, min_len), max(width, min_len)
+
+
+def scale_below_upper_bound(height, width, max_len=MAX_IMAGE_SIZE) -> Tuple[int, int]:
+    """Cap the longest edge at ``max_len`` keeping the aspect ratio (transformers' rule)."""
+    aspect_ratio = width / height
+    if width >= height and width > max_len:
+        width = max_len
+        height = int(width / aspect_ratio)
+    elif height > width and height > max_len:
+        height = max_len
+        width = int(height * aspect_ratio)
+    return max(height, 1), max(width, 1)
+
+
+def longest_edge_size(height, width, longest_edge) -> Tuple[int, int]:
+    """Output size of the first resize for a ``{'longest_edge': ...}`` size."""
+    height, width = rescale_to_longest_edge(height, width, longest_edge)
+    return scale_below_upper_bound(height, width)
+
+
+def vision_encoder_size(height, width, tile) -> Tuple[int, int]:
+    """Round both sides up to tile multiples (``resize_for_vision_encoder`` arithmetic)."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = int(width / aspect_ratio)
+        height = math.ceil(height / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = int(height * aspect_ratio)
+        width = math.ceil(width / tile) * tile
+    return height, width
+
+
+def split_grid(height, width, tile) -> Tuple[int, int]:
+    """Tile rows and columns of an encoder-sized image; (0, 0) when it is a single frame."""
+    if height > tile or width > tile:
+        return (height - tile) // tile + 1, (width - tile) // tile + 1
+    return 0, 0
+
+
+def image_prompt(rows, cols, image_seq_len, fake_token=FAKE_IMAGE_TOKEN,
+                 image_token=IMAGE_TOKEN, global_token=GLOBAL_IMAGE_TOKEN) -> str:
+    """Return the processor's expansion of one ``<image>`` for a ``rows`` x ``cols`` grid."""
+    tokens = image_token * image_seq_len
+    global_view = f'{fake_token}{global_token}{tokens}{fake_token}'
+    if rows == 0 and cols == 0:
+        return global_view
+    text = ''
+    for r in range(rows):
+        for c in range(cols):
+            text += f'{fake_token}<row_{r + 1}_col_{c + 1}>{tokens}'
+        text += '\n'
+    return f'{text}\n{global_view}'
+
+
+@dataclass
+class ImagePlan:
+    """How one image is processed: resize sizes and tile grid."""
+
+    resized: Tuple[int, int]
+    """(height, width) after the first resize."""
+    encoder: Optional[Tuple[int, int]]
+    """(height, width) after the vision-encoder resize; None without splitting."""
+    rows: int
+    cols: int
+    longest_edge: Optional[int]
+    """The longest edge used (lowered by ``max_tiles``); None for a fixed-size resize."""
+
+    @property
+    def num_frames(self):
+        """Tiles plus the global view, or 1 for a single frame."""
+        return self.rows * self.cols + 1 if self.rows or self.cols else 1
+
+
+def _int_list(value) -> List[int]:
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _size_entry(value, name, source):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {'longest_edge': value}
+    if not isinstance(value, dict):
+        raise ModelFilesError(f'{source}: {name} must be a dict, got {value!r}')
+    return value
+
+
+class Idefics3Family(ModelFamily):
+    """SmolVLM / SmolVLM2 / Idefics3: every constant from the model directory's files."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        config = load_json(model_dir, 'config.json')
+        self.name = config.get('model_type', '')
+        if self.name not in MODEL_TYPES:
+            raise UnsupportedModelError(f'{model_dir}/config.json has model_type {self.name!r}; '
+                                        f'this family handles {MODEL_TYPES}')
+        text = text_config(config)
+        try:
+            self.context_length = int(text['max_position_embeddings'])
+            self.text_hidden_size = int(text['hidden_size'])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFilesError(f'{model_dir}/config.json lacks text_config.{exc}') from exc
+        self._read_preprocessor(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+        self._read_tokens(model_dir, config)
+        self.image_seq_len = self._read_image_seq_len(model_dir, config)
+        generation = load_json(model_dir, 'generation_config.json', required=False)
+        eos = _int_list(generation.get('eos_token_id')) + _int_list(config.get('eos_token_id')) \
+            + _int_list(text.get('eos_token_id'))
+        self.eos_token_ids = list(dict.fromkeys(eos))
+        if not self.eos_token_ids:
+            eos_id = self.tokenizer.token_to_id(self.tokenizer.eos_token or '')
+            if eos_id is None:
+                raise ModelFilesError(f'no eos_token_id in {model_dir}/generation_config.json '
+                                      'or config.json, and the tokenizer has no eos_token')
+            self.eos_token_ids = [eos_id]
+        self.chat_template = ChatTemplate.from_model_dir(model_dir,
+                                                         self.tokenizer.special_tokens)
+        self._control = control_token_pattern(
+            self.tokenizer.control_tokens(self.chat_template.source))
+        # Only placeholders the template wrote expand; marked user copies stay text.
+        self._placeholder = re.compile(f'(?<!{CONTROL_START}){re.escape(self.image_token)}')
+
+    def _read_preprocessor(self, model_dir):
+        source = f'{model_dir}/preprocessor_config.json'
+        cfg = {**DEFAULTS, **load_json(model_dir, 'preprocessor_config.json')}
+        self.do_resize = bool(cfg['do_resize'])
+        self.size = _size_entry(cfg['size'], 'size', source)
+        if not (self.size.get('longest_edge') or (self.size.get('height') and
+                                                  self.size.get('width'))):
+            raise ModelFilesError(f"{source}: size needs 'longest_edge' or 'height' and "
+                                  f"'width', got {self.size}")
+        self.longest_edge = self.size.get('longest_edge')
+        max_image_size = _size_entry(cfg['max_image_size'], 'max_image_size', source)
+        if not max_image_size.get('longest_edge'):
+            raise ModelFilesError(f"{source}: max_image_size needs 'longest_edge'")
+        self.tile_size = int(max_image_size['longest_edge'])
+        self.resample = cfg['resample']
+        if isinstance(self.resample, str):
+            names = {v: k for k, v in images.RESAMPLE_NAMES.items()}
+            self.resample = names.get(self.resample.lower(), self.resample)
+        if self.resample not in images.RESAMPLE_NAMES:
+            raise UnsupportedModelError(f'{source}: resample {cfg["resample"]!r} is not a PIL '
+                                        f'filter this engine knows {images.RESAMPLE_NAMES}')
+        self.do_image_splitting = bool(cfg['do_image_splitting'])
+        self.do_rescale = bool(cfg['do_rescale'])
+        self.do_normalize = bool(cfg['do_normalize'])
+        self.rescale_factor = float(cfg['rescale_factor'])
+        mean, std = cfg['image_mean'], cfg['image_std']
+        self.image_mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else \
+            [float(m) for m in mean]
+        self.image_std = [float(std)] * 3 if isinstance(std, (int, float)) else \
+            [float(s) for s in std]
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ModelFilesError(f'{source}: image_mean and image_std need 3 values')
+        self._tables = images.normalize_tables(self.rescale_factor, self.image_mean,
+                                               self.image_std, self.do_rescale,
+                                               self.do_normalize)
+
+    def _read_tokens(self, model_dir, config):
+        tok = self.tokenizer
+        if self.name == 'smolvlm':
+            # SmolVLMProcessor reads the strings from the tokenizer; Idefics3Processor hardcodes.
+            self.fake_image_token = tok.config_token('fake_image_token', FAKE_IMAGE_TOKEN)
+            self.image_token = tok.config_token('image_token', IMAGE_TOKEN)
+            self.global_image_token = tok.config_token('global_image_token', GLOBAL_IMAGE_TOKEN)
+        else:
+            self.fake_image_token, self.image_token = FAKE_IMAGE_TOKEN, IMAGE_TOKEN
+            self.global_image_token = GLOBAL_IMAGE_TOKEN
+        ids = {}
+        for token in (self.fake_image_token, self.image_token, self.global_image_token):
+            ids[token] = tok.token_to_id(token)
+            if ids[token] is None:
+                raise ModelFilesError(f'{model_dir}/tokenizer.json has no token {token!r}')
+        self.image_token_id = ids[self.image_token]
+        self.fake_image_token_id = ids[self.fake_image_token]
+        self.global_image_token_id = ids[self.global_image_token]
+        configured = config.get('image_token_id')
+        if configured is not None and int(configured) != self.image_token_id:
+            raise ModelMismatchError(
+                f'{model_dir}: config.json says image_token_id {configured}, but the tokenizer '
+                f'maps {self.image_token!r} to {self.image_token_id}')
+
+    def _read_image_seq_len(self, model_dir, config):
+        vision = config.get('vision_config') or {}
+        computed = None
+        try:
+            computed = int(((int(vision['image_size']) // int(vision['patch_size'])) ** 2) /
+                           (int(config.get('scale_factor', 2)) ** 2))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass
+        given = load_json(model_dir, 'processor_config.json', required=False).get(
+            'image_seq_len')
+        if given is None:
+            if computed is None:
+                raise ModelFilesError(
+                    f'{model_dir}: no image_seq_len in processor_config.json and config.json '
+                    'lacks vision_config.image_size / patch_size to compute it')
+            return computed
+        if computed is not None and int(given) != computed:
+            raise ModelMismatchError(
+                f'{model_dir}: processor_config.json image_seq_len {given} does not match the '
+                f'vision encoder ((image_size // patch_size)**2 / scale_factor**2 = {computed})')
+        return int(given)
+
+    # Image side.
+
+    def plan(self, height, width, image_options: Optional[ImageOptions] = None) -> ImagePlan:
+        """Sizes and tile grid for a ``height`` x ``width`` image under ``image_options``."""
+        options = image_options or ImageOptions()
+        if options.max_tiles < 0:
+            raise ImageError(f'max_tiles must be >= 0 (0 = no cap), got {options.max_tiles}')
+        split = self.do_image_splitting if options.do_image_splitting is None else \
+            bool(options.do_image_splitting)
+        plan = self._plan(height, width, split, self.longest_edge if self.do_resize else None)
+        if split and options.max_tiles and plan.rows * plan.cols > options.max_tiles:
+            top = plan.longest_edge or max(plan.resized)
+            for n in range(math.ceil(top / self.tile_size) - 1, 0, -1):
+                plan = self._plan(height, width, split, n * self.tile_size)
+                if plan.rows * plan.cols <= options.max_tiles:
+                    break
+        return plan
+
+    def _plan(self, height, width, split, longest_edge):
+        if longest_edge:
+            resized = longest_edge_size(height, width, longest_edge)
+        elif self.do_resize:
+            resized = (int(self.size['height']), int(self.size['width']))
+        else:
+            resized = (height, width)
+        if not split:
+            return ImagePlan(resized, None, 0, 0, longest_edge)
+        encoder = vision_encoder_size(resized[0], resized[1], self.tile_size)
+        rows, cols = split_grid(encoder[0], encoder[1], self.tile_size)
+        return ImagePlan(resized, encoder, rows, cols, longest_edge)
+
+    def preprocess(self, image, image_options: Optional[ImageOptions] = None
+                   ) -> Tuple[Dict[str, np.ndarray], ImagePlan]:
+        """
+        Return the vision inputs and the plan for one image.
+
+        ``pixel_values`` float32 [1, frames, 3, H, W] and ``pixel_attention_mask`` bool
+        [1, frames, H, W], frames in the processor's order (tiles row-major, global last).
+        """
+        rgb = images.to_rgb(image)
+        height, width = rgb.shape[:2]
+        plan = self.plan(height, width, image_options)
+        resample, tile = self.resample, self.tile_size
+        img = rgb
+        if self.do_resize or plan.longest_edge:
+            img = images.resize(img, plan.resized[0], plan.resized[1], resample)
+        if plan.encoder is None:
+            frames = [images.resize(img, tile, tile, resample)]
+        else:
+            img = images.resize(img, plan.encoder[0], plan.encoder[1], resample)
+            if plan.rows or plan.cols:
+                frames = [img[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                          for r in range(plan.rows) for c in range(plan.cols)]
+                frames.append(images.resize(img, tile, tile, resample))
+            else:
+                frames = [img]
+        max_h = max(f.shape[0] for f in frames)
+        max_w = max(f.shape[1] for f in frames)
+        pixels = np.zeros((1, len(frames), 3, max_h, max_w), dtype=np.float32)
+        mask = np.zeros((1, len(frames), max_h, max_w), dtype=bool)
+        for i, frame in enumerate(frames):
+            h, w = frame.shape[:2]
+            images.apply_tables(frame, self._tables, out=pixels[0, i, :, :h, :w])
+            mask[0, i, :h, :w] = True
+        return {'pixel_values': pixels, 'pixel_attention_mask': mask}, plan
+
+    # Text side.
+
+    def image_prompt(self, rows, cols) -> str:
+        """Return the text one image expands to for a ``rows`` x ``cols`` grid."""
+        return image_prompt(rows, cols, self.image_seq_len, self.fake_image_token,
+                            self.image_token, self.global_image_token)
+
+    def render(self, prompt, system_prompt='', num_images=0) -> str:
+        """Render the chat-template prompt, user text marked, ``<image>`` not yet expanded."""
+        messages = build_messages(prompt, system_prompt, num_images)
+        messages = mark_control_tokens(messages, self._control)
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def prepare(self, image, prompt, system_prompt='', image_options=None) -> PreparedRequest:
+        """Build the request for an image (anything ``images.to_rgb`` takes) or None."""
+        vision_inputs, plan = {}, None
+        if image is not None:
+            vision_inputs, plan = self.preprocess(image, image_options)
+        text = self.render(prompt, system_prompt or '', 0 if plan is None else 1)
+        found = len(self._placeholder.findall(text))
+        wanted = 0 if plan is None else 1
+        if found != wanted:
+            raise UnsupportedModelError(
+                f'the chat template wrote {found} {self.image_token} placeholders for '
+                f'{wanted} image(s)')
+        if plan is not None:
+            expansion = self.image_prompt(plan.rows, plan.cols)
+            text = self._placeholder.sub(lambda _: expansion, text)
+        ids = self.tokenizer.encode_marked(text)
+        input_ids = np.asarray(ids, dtype=np.int64)
+        num_image_tokens = int(np.count_nonzero(input_ids == self.image_token_id))
+        expected = 0 if plan is None else plan.num_frames * self.image_seq_len
+        if num_image_tokens != expected:
+            raise ModelFilesError(
+                f'the prompt holds {num_image_tokens} {self.image_token} ids, expected '
+                f'{expected}: tokenizer.json does not keep {self.image_token!r} whole')
+        readable = text.replace(CONTROL_START, '').replace(CONTROL_END, '')
+        return PreparedRequest(input_ids=input_ids, vision_inputs=vision_inputs,
+                               image_token_id=self.image_token_id,
+                               num_image_tokens=num_image_tokens, prompt_text=readable)
+
+    def decode(self, token_ids, skip_special_tokens=True) -> str:
+        """Turn generated ids into text with the model's tokenizer."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens)

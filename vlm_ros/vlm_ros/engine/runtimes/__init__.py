@@ -1,0 +1,1 @@
+"""Runtimes: ONNX Runtime and llama.cpp sessions for vision encoders and decoders."""

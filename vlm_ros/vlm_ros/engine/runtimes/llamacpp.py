@@ -1,0 +1,567 @@
+"""
+llama.cpp (through llama-cpp-python's low-level API): a GGUF language model as the decoder.
+
+``LlamaCppDecoder`` offers the interface of ``OnnxDecoder`` (``start`` / ``context_length`` /
+``hidden_size``), so the pipeline can pair either with a vision encoder: the prompt's text
+tokens are decoded as token batches and the image features as embedding batches, all in one
+sequence at consecutive positions, and only the last position produces logits. Beam search
+uses extra sequences that share the prompt's KV cells (``llama_memory_seq_cp``), so it costs
+no copy of the cache; it needs ``max_beams`` at construction.
+"""
+
+import collections
+import ctypes
+import logging
+import os
+import struct
+import threading
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from vlm_ros.engine.errors import (BackendError, GenerationError, ModelFilesError,
+                                   ModelMismatchError, PromptTooLongError,
+                                   UnsupportedModelError)
+from vlm_ros.engine.generation import DecoderSession
+
+_LOG = logging.getLogger('vlm_ros.llamacpp')
+
+KV_TYPES = {'f32': 0, 'f16': 1, 'q8_0': 8, 'q4_0': 2, 'bf16': 30}
+# Architectures llama.cpp loads that are not text decoders (embedding models, projectors).
+NOT_DECODERS = {'clip', 'bert', 'nomic-bert', 'nomic-bert-moe', 'neo-bert', 'jina-bert-v2',
+                'jina-bert-v3', 'modern-bert', 'eurobert', 't5encoder', 'wavtokenizer-dec'}
+_GGUF_MAGIC = b'GGUF'
+
+_init_lock = threading.Lock()
+_state = {'lib': None, 'callback': None}
+# Recent llama.cpp warnings and errors, quoted in our exceptions (its own reason for a
+# failed load is only ever logged).
+_recent = collections.deque(maxlen=64)
+
+
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last).
+_WARN, _CONT = 3, 5
+_last_level = [0]
+
+
+def _on_log(level, text, _user_data):
+    """Keep llama.cpp's messages off stderr: remember warnings/errors, debug-log the rest."""
+    try:
+        message = text.decode('utf-8', 'replace') if text else ''
+        if level == _CONT:
+            level = _last_level[0]
+            if level >= _WARN and _recent:
+                _recent[-1] += message.rstrip('\n')
+        else:
+            _last_level[0] = level
+            if level >= _WARN:
+                _recent.append(message.strip())
+        if _LOG.isEnabledFor(logging.DEBUG) and message.strip():
+            _LOG.debug('llama.cpp: %s', message.rstrip())
+    except Exception:  # noqa: B902 -- a C callback must never raise
+        pass
+
+
+def lib():
+    """Import llama_cpp once: backend initialised, logging routed away from stderr."""
+    with _init_lock:
+        if _state['lib'] is None:
+            try:
+                import llama_cpp  # deferred: importing the engine must not load every runtime
+            except ImportError as exc:
+                raise UnsupportedModelError(
+                    f'GGUF models run on llama-cpp-python, which cannot be imported: {exc}'
+                ) from exc
+            # The callback object must outlive every call llama.cpp makes into it.
+            _state['callback'] = llama_cpp.llama_log_callback(_on_log)
+            llama_cpp.llama_log_set(_state['callback'], ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _state['lib'] = llama_cpp
+        return _state['lib']
+
+
+def log_callback():
+    """Return the ctypes log callback installed in llama.cpp (for mtmd's log setter)."""
+    lib()
+    return _state['callback']
+
+
+def log_mark() -> None:
+    """Forget earlier warnings: ``recent_errors`` then reports only what follows."""
+    _recent.clear()
+
+
+def recent_errors() -> str:
+    """Return the last few warnings and errors llama.cpp logged since ``log_mark``."""
+    lines = [line for line in _recent if line]
+    return '; '.join(lines[-4:])
+
+
+def read_gguf_metadata(path, keys=('general.architecture', 'general.type')) -> Dict[str, object]:
+    """
+    Read a few scalar metadata values from a GGUF header without loading the model.
+
+    Raises ModelFilesError when the file is missing or not a GGUF file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFilesError(f'GGUF model not found: {path}')
+    wanted = set(keys)
+    found: Dict[str, object] = {}
+    scalar = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q',
+              11: 'q', 12: 'd'}
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(24)
+            if len(head) < 24 or head[:4] != _GGUF_MAGIC:
+                raise ModelFilesError(f'{path} is not a GGUF file (bad magic {head[:4]!r})')
+            version, _n_tensors, n_kv = struct.unpack('<IQQ', head[4:])
+            if version < 2:
+                raise ModelFilesError(f'{path}: GGUF version {version} is too old')
+
+            def read(fmt):
+                size = struct.calcsize(fmt)
+                data = f.read(size)
+                if len(data) != size:
+                    raise ModelFilesError(f'{path}: truncated GGUF header')
+                return struct.unpack('<' + fmt, data)[0]
+
+            def read_str():
+                n = read('Q')
+                if n > 1 << 24:
+                    raise ModelFilesError(f'{path}: corrupt GGUF header (string of {n} bytes)')
+                return f.read(n).decode('utf-8', 'replace')
+
+            def skip(vtype):
+                if vtype in scalar:
+                    f.seek(struct.calcsize(scalar[vtype]), 1)
+                elif vtype == 8:
+                    f.seek(read('Q'), 1)
+                elif vtype == 9:
+                    etype, count = read('I'), read('Q')
+                    if etype in scalar:
+                        f.seek(count * struct.calcsize(scalar[etype]), 1)
+                    else:
+                        for _ in range(count):
+                            skip(etype)
+                else:
+                    raise ModelFilesError(f'{path}: corrupt GGUF header (value type {vtype})')
+
+            # The tokenizer's arrays (often 100k+ strings) follow the general keys in every
+            # converter's output; stop there unless a tokenizer key was asked for.
+            stop_at_tokenizer = not any(k.startswith('tokenizer.') for k in wanted)
+            for _ in range(n_kv):
+                key = read_str()
+                if stop_at_tokenizer and key.startswith('tokenizer.'):
+                    break
+                vtype = read('I')
+                if key in wanted and vtype == 8:
+                    found[key] = read_str()
+                elif key in wanted and vtype in scalar:
+                    found[key] = read(scalar[vtype])
+                else:
+                    skip(vtype)
+                if wanted <= set(found):
+                    break
+    except ModelFilesError:
+        raise
+    except OSError as exc:  # ModelFilesError is an OSError too: re-raised above as is
+        raise ModelFilesError(f'cannot read {path}: {exc}') from exc
+    return found
+
+
+class LlamaCppDecoder:
+    """
+    A GGUF language model in one llama.cpp context; one instance serves many requests.
+
+    ``n_threads`` 0 uses every core (for both decode and batch threads); ``n_ctx`` 0 takes
+    the model's training context. ``kv_type`` is the KV cache precision (``f16`` like
+    llama.cpp's default, ``f32`` for exact parity checks, ``q8_0``); ``flash_attn`` None
+    lets llama.cpp decide, except that an ``f32`` cache turns it off (CPU flash attention
+    computes in float16). ``max_beams`` > 1 reserves sequences for beam search. Only one
+    request runs at a time: ``start`` resets the context and invalidates the previous
+    session.
+    """
+
+    def __init__(self, gguf_path, n_threads: int = 0, n_ctx: int = 0,
+                 expected_hidden_size: Optional[int] = None, *, max_beams: int = 1,
+                 kv_type: str = 'f16', flash_attn: Optional[bool] = None,
+                 n_batch: int = 512):
+        self._ll = L = lib()
+        self.path = os.fspath(gguf_path)
+        self._model = self._ctx = None
+        self._batches = []
+        meta = read_gguf_metadata(self.path)
+        self.architecture = str(meta.get('general.architecture', ''))
+        self._check_architecture(meta)
+        if kv_type not in KV_TYPES:
+            raise GenerationError(f'unknown kv_type {kv_type!r} (known: {sorted(KV_TYPES)})')
+        if max_beams < 1:
+            raise GenerationError(f'max_beams must be at least 1, got {max_beams}')
+
+        log_mark()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self._model = L.llama_model_load_from_file(self.path.encode(), params)
+        if not self._model:
+            reason = recent_errors() or 'no reason given'
+            error = (UnsupportedModelError if 'architecture' in reason else ModelFilesError)
+            raise error(f'llama.cpp cannot load {self.path}: {reason}')
+        try:
+            self._setup(n_threads, n_ctx, expected_hidden_size, max_beams, kv_type,
+                        flash_attn, n_batch)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_architecture(self, meta):
+        arch = self.architecture
+        name = os.path.basename(self.path)
+        if arch == 'clip' or meta.get('general.type') == 'mmproj':
+            raise UnsupportedModelError(
+                f'{name} is a multimodal projector (mmproj, architecture {arch!r}), not a '
+                'language model: give it as the projector and the language model GGUF as '
+                'the decoder')
+        if not arch:
+            raise ModelFilesError(f'{name} has no general.architecture: not a model GGUF')
+        if arch in NOT_DECODERS:
+            raise UnsupportedModelError(
+                f'{name} has architecture {arch!r}, which is not a text decoder (an '
+                'embedding or encoder model)')
+
+    def _setup(self, n_threads, n_ctx, expected_hidden_size, max_beams, kv_type, flash_attn,
+               n_batch):
+        L = self._ll
+        name = os.path.basename(self.path)
+        model = self._model
+        if not L.llama_model_has_decoder(model) or L.llama_model_has_encoder(model):
+            raise UnsupportedModelError(f'{name}: encoder or encoder-decoder models are not '
+                                        'supported; a decoder-only language model is needed')
+        if L.llama_model_is_diffusion(model):
+            raise UnsupportedModelError(f'{name} is a diffusion language model: not supported')
+        self.hidden_size = int(L.llama_model_n_embd_inp(model))
+        if expected_hidden_size and expected_hidden_size != self.hidden_size:
+            raise ModelMismatchError(
+                f'{name} takes embeddings of width {self.hidden_size}, but the model config '
+                f'and vision encoder use {expected_hidden_size} (files from different models?)')
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(model))
+        self.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
+        self.max_beams = max_beams
+        self._vocab = L.llama_model_get_vocab(model)
+        self.vocab_size = int(L.llama_vocab_n_tokens(self._vocab))
+
+        params = L.llama_context_default_params()
+        requested = int(n_ctx) if n_ctx and n_ctx > 0 else self.n_ctx_train
+        params.n_ctx = requested
+        params.n_batch = params.n_ubatch = max(1, min(n_batch, requested))
+        # Beams live in a second bank of sequence ids; a unified KV cache lets sequences
+        # share cells, so copying a sequence is bookkeeping, not a copy of the cache.
+        params.n_seq_max = 1 if max_beams == 1 else 2 * max_beams
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        if flash_attn is None and kv_type == 'f32':
+            # CPU flash attention rounds K, V and Q to float16, which would defeat the
+            # point of a float32 cache (exact comparisons with the reference).
+            flash_attn = False
+        if flash_attn is not None:
+            params.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        log_mark()
+        self._ctx = L.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise BackendError(f'llama.cpp cannot create a {requested}-token context for '
+                               f'{name}: {recent_errors() or "no reason given"}')
+        self.context_length = min(requested, int(L.llama_n_ctx_seq(self._ctx)))
+        self.n_batch = int(L.llama_n_batch(self._ctx))
+        self._memory = L.llama_get_memory(self._ctx)
+        self._tokens = _Batch(L, self.n_batch, 0)
+        self._batches.append(self._tokens)
+        self._embeds: Optional[_Batch] = None
+        self._owner = None
+        self._eog: Optional[List[int]] = None
+
+    # -- requests -----------------------------------------------------------------------
+
+    def start(self, input_ids, image_features=None, image_token_id=None, *,
+              non_causal_images=False):
+        """
+        Prefill the prompt; returns (session, logits [1, vocab] of the last position).
+
+        The positions of ``image_token_id`` in ``input_ids`` take ``image_features``
+        [tokens, hidden] in order. ``non_causal_images`` lets each run of image positions
+        attend to itself both ways (projectors such as Gemma 3's want that).
+        """
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise GenerationError('the prompt is empty')
+        if ids.size + 1 > self.context_length:
+            raise PromptTooLongError(
+                f'prompt of {ids.size} tokens leaves no room in the {self.context_length}-token '
+                'context; shorten the prompt or disable image splitting')
+        slots = np.zeros(ids.size, dtype=bool)
+        features = None
+        if image_features is not None and len(image_features):
+            features = np.asarray(image_features, dtype=np.float32)
+            features = features.reshape(-1, features.shape[-1])
+            if features.shape[1] != self.hidden_size:
+                raise ModelMismatchError(
+                    f'image features have width {features.shape[1]}, but '
+                    f'{os.path.basename(self.path)} takes embeddings of width '
+                    f'{self.hidden_size} (vision encoder from another model?)')
+            slots = ids == image_token_id
+            if int(slots.sum()) != len(features):
+                raise ModelMismatchError(
+                    f'the prompt has {int(slots.sum())} image tokens but the vision encoder '
+                    f'produced {len(features)} features: image_seq_len in the processor config '
+                    'does not match the vision encoder')
+        text = ids[~slots]
+        bad = text[(text < 0) | (text >= self.vocab_size)]
+        if bad.size:
+            raise ModelMismatchError(f'token id {int(bad[0])} is outside the vocabulary of '
+                                     f'{self.vocab_size} tokens of {os.path.basename(self.path)}')
+        session = LlamaCppSession(self)
+        self._owner = session
+        self._ll.llama_memory_clear(self._memory, False)
+        # Alternate runs of text tokens and image embeddings, in prompt order.
+        edges = np.flatnonzero(np.diff(slots.astype(np.int8))) + 1
+        bounds = [0, *edges.tolist(), ids.size]
+        used = 0
+        for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
+            last = end == ids.size
+            if slots[begin]:
+                self._decode_embeddings(features[used:used + end - begin], begin, last,
+                                        non_causal_images)
+                used += end - begin
+            else:
+                self._decode_tokens(ids[begin:end], begin, last)
+        session.length = int(ids.size)
+        return session, self._logits(1)
+
+    def _decode_tokens(self, ids, pos, want_last):
+        """Decode a run of prompt tokens of sequence 0 in chunks of n_batch."""
+        batch = self._tokens
+        for at in range(0, len(ids), self.n_batch):
+            chunk = ids[at:at + self.n_batch]
+            n = len(chunk)
+            batch.token[:n] = chunk
+            batch.pos[:n] = np.arange(pos + at, pos + at + n, dtype=np.int32)
+            batch.set_seqs(n, None)
+            batch.logits[:n] = 0
+            if want_last and at + n == len(ids):
+                batch.logits[n - 1] = 1
+            self._decode(batch, n)
+
+    def _decode_embeddings(self, features, pos, want_last, non_causal=False):
+        """Decode image features as embedding input, chunked like the tokens."""
+        if non_causal and len(features) > self.n_batch:
+            raise PromptTooLongError(
+                f'an image of {len(features)} tokens must be decoded in one batch, but the '
+                f'batch size is {self.n_batch}; create the decoder with a larger n_batch')
+        if self._embeds is None:
+            self._embeds = _Batch(self._ll, self.n_batch, self.hidden_size)
+            self._batches.append(self._embeds)
+        batch = self._embeds
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        for at in range(0, len(features), self.n_batch):
+            chunk = features[at:at + self.n_batch]
+            n = len(chunk)
+            batch.embd[:n] = chunk
+            batch.pos[:n] = np.arange(pos + at, pos + at + n, dtype=np.int32)
+            batch.set_seqs(n, None)
+            batch.logits[:n] = 0
+            if want_last and at + n == len(features):
+                batch.logits[n - 1] = 1
+            if non_causal:
+                self._ll.llama_set_causal_attn(self._ctx, False)
+            try:
+                self._decode(batch, n)
+            finally:
+                if non_causal:
+                    self._ll.llama_set_causal_attn(self._ctx, True)
+
+    def _decode(self, batch, n):
+        batch.struct.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx, batch.struct)
+        if rc != 0:
+            reason = recent_errors() or f'llama_decode returned {rc}'
+            if rc == 1:
+                raise PromptTooLongError(f'the llama.cpp KV cache is full: {reason}')
+            raise BackendError(f'llama.cpp failed to decode: {reason}')
+
+    def _logits(self, rows):
+        """Copy the logits of the batch's ``rows`` output positions (one copy per row)."""
+        L = self._ll
+        out = np.empty((rows, self.vocab_size), dtype=np.float32)
+        for i in range(rows):
+            ptr = L.llama_get_logits_ith(self._ctx, i - rows)
+            if not ptr:
+                raise BackendError('llama.cpp returned no logits')
+            out[i] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+        return out
+
+    def _step(self, session, token_ids):
+        if self._owner is not session:
+            raise GenerationError('this llama.cpp session was superseded by a newer request '
+                                  'on the same decoder')
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        rows = len(ids)
+        if rows != len(session.seqs):
+            raise GenerationError(f'step got {rows} tokens for {len(session.seqs)} sequences')
+        if session.length + 1 > self.context_length:
+            raise PromptTooLongError(f'the answer reached the {self.context_length}-token '
+                                     'context')
+        batch = self._tokens
+        batch.token[:rows] = ids
+        batch.pos[:rows] = session.length
+        batch.set_seqs(rows, session.seqs)
+        batch.logits[:rows] = 1
+        self._decode(batch, rows)
+        session.length += 1
+        return self._logits(rows)
+
+    def _select(self, session, rows):
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        seqs = session.seqs
+        if len(rows) == len(seqs) and np.array_equal(rows, np.arange(len(rows))):
+            return
+        if self._owner is not session:
+            raise GenerationError('this llama.cpp session was superseded by a newer request')
+        if len(rows) > self.max_beams:
+            if self.max_beams == 1:
+                raise GenerationError('beam search is not supported on llama.cpp unless the '
+                                      'decoder is created with max_beams >= num_beams')
+            raise GenerationError(f'{len(rows)} beams requested but the llama.cpp decoder '
+                                  f'was created with max_beams={self.max_beams}')
+        L = self._ll
+        base = self.max_beams if seqs[0] < self.max_beams else 0
+        new = [base + i for i in range(len(rows))]
+        for dst, src in zip(new, rows, strict=True):
+            L.llama_memory_seq_cp(self._memory, seqs[int(src)], dst, -1, -1)
+        for seq in seqs:
+            L.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        session.seqs = new
+
+    # -- vocabulary -----------------------------------------------------------------------
+
+    def eog_token_ids(self) -> List[int]:
+        """Token ids llama.cpp treats as end of generation (EOS, EOT, <|im_end|>, ...)."""
+        if self._eog is None:
+            L, vocab = self._ll, self._vocab
+            self._eog = [i for i in range(self.vocab_size) if L.llama_vocab_is_eog(vocab, i)]
+        return list(self._eog)
+
+    def tokenize(self, text: str, add_special: bool = False,
+                 parse_special: bool = True) -> List[int]:
+        """Token ids of ``text`` with the GGUF's own tokenizer."""
+        L = self._ll
+        data = text.encode('utf-8')
+        size = len(data) + 8
+        while True:
+            buf = (L.llama_token * size)()
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special,
+                                 parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+
+    def detokenize(self, token_ids: Sequence[int], unparse_special: bool = True) -> str:
+        """Text of ``token_ids`` with the GGUF's own tokenizer."""
+        L = self._ll
+        ids = [int(i) for i in token_ids]
+        tokens = (L.llama_token * max(1, len(ids)))(*ids)
+        size = 16 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_detokenize(self._vocab, tokens, len(ids), buf, size, False,
+                                   unparse_special)
+            if n >= 0:
+                return buf.raw[:n].decode('utf-8', 'replace')
+            size = -n
+
+    def metadata(self, key: str) -> Optional[str]:
+        """Return a GGUF metadata value as text (e.g. ``general.name``), or None."""
+        L = self._ll
+        buf = ctypes.create_string_buffer(4096)
+        n = L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode('utf-8', 'replace') if n >= 0 else None
+
+    def close(self):
+        """Free the context, batches and model (also done when garbage collected)."""
+        L = self._ll
+        for batch in self._batches:
+            batch.free()
+        self._batches = []
+        if self._ctx:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: B902 -- interpreter shutdown may have torn llama_cpp down
+            pass
+
+
+class _Batch:
+    """A llama_batch with numpy views of its arrays, allocated once and reused."""
+
+    def __init__(self, L, capacity, n_embd):
+        self._ll = L
+        self.struct = L.llama_batch_init(capacity, n_embd, 1)
+        s = self.struct
+        self.capacity = capacity
+        if n_embd:
+            self.embd = np.ctypeslib.as_array(s.embd, shape=(capacity, n_embd))
+        else:
+            self.token = np.ctypeslib.as_array(s.token, shape=(capacity,))
+        self.pos = np.ctypeslib.as_array(s.pos, shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(s.logits, shape=(capacity,))
+        n_seq = np.ctypeslib.as_array(s.n_seq_id, shape=(capacity,))
+        n_seq[:] = 1
+        self._seq = [s.seq_id[i] for i in range(capacity)]
+        for ptr in self._seq:
+            ptr[0] = 0
+        self._dirty = 0  # entries whose sequence id is not 0
+
+    def set_seqs(self, n, seqs):
+        """Sequence ids of the first ``n`` entries (None: all sequence 0)."""
+        if seqs is None:
+            for i in range(min(n, self._dirty)):
+                self._seq[i][0] = 0
+            self._dirty = 0
+            return
+        for i, seq in enumerate(seqs):
+            self._seq[i][0] = seq
+        self._dirty = max(self._dirty, len(seqs))
+
+    def free(self):
+        if self.struct is not None:
+            self._ll.llama_batch_free(self.struct)
+            self.struct = None
+
+
+class LlamaCppSession(DecoderSession):
+    """One request's sequences in the decoder's llama.cpp context."""
+
+    def __init__(self, decoder: LlamaCppDecoder):
+        self.d = decoder
+        self.length = 0
+        self.seqs = [0]
+
+    @property
+    def rows(self):
+        """Count the live sequences (beams)."""
+        return len(self.seqs)
+
+    def step(self, token_ids):
+        """Feed one token per row; returns logits [rows, vocab]."""
+        return self.d._step(self, token_ids)
+
+    def select(self, rows):
+        """Make row i a copy of old row ``rows[i]`` (KV cells shared, not copied)."""
+        self.d._select(self, rows)

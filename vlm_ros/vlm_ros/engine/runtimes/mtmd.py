@@ -1,0 +1,263 @@
+"""
+llama.cpp's own multimodal projector (an mmproj GGUF through libmtmd) as the image encoder.
+
+``MtmdImageEncoder`` takes the rendered prompt text, one media marker per image, and RGB
+images; libmtmd preprocesses and tiles the images, lays out the prompt's tokens around them
+(tile markers included) and runs the projector. The result is the same kind of request the
+model families produce -- ``input_ids`` with ``image_token_id`` where features go, and the
+features -- so it is prefilled by ``LlamaCppDecoder.start`` like ONNX features are, and
+decoded token by token by the same ``LlamaCppSession``.
+"""
+
+import ctypes
+from dataclasses import dataclass
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from vlm_ros.engine.errors import (BackendError, ImageError, ModelFilesError,
+                                   ModelMismatchError, UnsupportedModelError)
+from vlm_ros.engine.runtimes import llamacpp
+
+# Placeholders some vocabularies use for image positions, tried when none is given.
+_IMAGE_TOKENS = ('<image>', '<IMG_CONTEXT>', '<|image_pad|>', '<image_soft_token>',
+                 '<|vision_pad|>')
+_CHUNK_TEXT, _CHUNK_IMAGE = 0, 1
+
+
+def _mtmd():
+    llamacpp.lib()
+    from llama_cpp import mtmd_cpp  # deferred: loads libmtmd
+    return mtmd_cpp
+
+
+@dataclass
+class MtmdRequest:
+    """A prompt laid out by libmtmd, ready for ``LlamaCppDecoder.start``."""
+
+    input_ids: np.ndarray
+    """int64 [seq]: text tokens, ``image_token_id`` at every image position."""
+    features: Optional[np.ndarray]
+    """float32 [image tokens, hidden] in prompt order, or None without images."""
+    image_token_id: int
+    num_image_tokens: int
+    non_causal: bool = False
+    """The projector wants image positions to attend both ways (see ``start``)."""
+
+
+class MtmdImageEncoder:
+    """
+    An mmproj GGUF bound to a ``LlamaCppDecoder`` (libmtmd needs the text model).
+
+    ``prepare(prompt, images)`` returns an ``MtmdRequest``; ``start(prompt, images)`` also
+    prefills the decoder and returns ``(session, logits [1, vocab])`` like
+    ``LlamaCppDecoder.start``. ``marker`` is the text that stands for an image in the prompt
+    (``prepare`` can substitute a family's own placeholder, e.g. ``<image>``, for it).
+    """
+
+    def __init__(self, mmproj_path, decoder: 'llamacpp.LlamaCppDecoder', n_threads: int = 0,
+                 image_token_id: Optional[int] = None, flash_attn: Optional[bool] = None,
+                 warmup: bool = True):
+        self._m = M = _mtmd()
+        L = llamacpp.lib()
+        self._ctx = None
+        self.path = os.fspath(mmproj_path)
+        self.decoder = decoder
+        name = os.path.basename(self.path)
+        meta = llamacpp.read_gguf_metadata(
+            self.path, ('general.architecture', 'clip.projector_type',
+                        'clip.vision.projector_type'))
+        if meta.get('general.architecture') != 'clip':
+            raise ModelFilesError(
+                f'{name} is not a multimodal projector (architecture '
+                f'{meta.get("general.architecture")!r}, expected \'clip\')')
+        self.projector_type = str(meta.get('clip.projector_type')
+                                  or meta.get('clip.vision.projector_type') or '')
+        M.mtmd_log_set(llamacpp.log_callback(), None)
+        M.mtmd_helper_log_set(llamacpp.log_callback(), None)
+        params = M.mtmd_context_params_default()
+        params.use_gpu = False
+        params.print_timings = False
+        params.warmup = warmup
+        params.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
+        if flash_attn is not None:
+            params.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        llamacpp.log_mark()
+        self._ctx = M.mtmd_init_from_file(self.path.encode(), decoder._model, params)
+        if not self._ctx:
+            reason = llamacpp.recent_errors() or 'no reason given'
+            error = ModelMismatchError if 'n_embd' in reason else ModelFilesError
+            raise error(f'llama.cpp cannot load the projector {name}: {reason}')
+        if not M.mtmd_support_vision(self._ctx):
+            self.close()
+            raise UnsupportedModelError(f'{name} has no vision encoder (audio only?)')
+        if M.mtmd_decode_use_mrope(self._ctx):
+            self.close()
+            raise UnsupportedModelError(
+                f'{name} needs M-RoPE (multi-axis) positions, which LlamaCppDecoder does '
+                'not feed')
+        self.marker = (M.mtmd_get_marker(self._ctx) or M.mtmd_default_marker()).decode()
+        self.image_token_id = (image_token_id if image_token_id is not None
+                               else self._find_image_token())
+        # libmtmd looks its template tokens up one by one; a vocabulary without a single
+        # token for "\n\n" gets -1 where idefics3 wants that text (see _text_ids).
+        self._newlines = decoder.tokenize('\n\n', parse_special=False)
+
+    def _find_image_token(self):
+        for text in _IMAGE_TOKENS:
+            ids = self.decoder.tokenize(text)
+            if len(ids) == 1:
+                return ids[0]
+        raise UnsupportedModelError(
+            'no image placeholder token found in the vocabulary; pass image_token_id')
+
+    def prepare(self, prompt: str, images: Sequence[np.ndarray],
+                image_placeholder: Optional[str] = None,
+                add_special: bool = False) -> MtmdRequest:
+        """
+        Tokenize ``prompt`` around ``images`` (RGB uint8 [H, W, 3]) and encode the images.
+
+        ``image_placeholder`` (e.g. ``<image>``) is replaced by the media marker first; the
+        prompt must hold one marker per image. ``add_special`` adds the vocabulary's BOS.
+        """
+        M = self._m
+        if image_placeholder:
+            prompt = prompt.replace(image_placeholder, self.marker)
+        if prompt.count(self.marker) != len(images):
+            raise ImageError(f'the prompt has {prompt.count(self.marker)} image markers '
+                             f'({self.marker}) for {len(images)} images')
+        bitmaps = [self._bitmap(image) for image in images]
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            text = M.mtmd_input_text()
+            data = prompt.encode('utf-8')
+            text.text = data
+            text.text_len = len(data)
+            text.add_special = add_special
+            text.parse_special = True
+            array = (ctypes.c_void_p * max(1, len(bitmaps)))(*bitmaps)
+            llamacpp.log_mark()
+            rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text), array, len(bitmaps))
+            if rc != 0:
+                reason = llamacpp.recent_errors() or f'mtmd_tokenize returned {rc}'
+                raise ImageError(f'libmtmd cannot lay out the prompt and images: {reason}')
+            return self._collect(chunks)
+        finally:
+            M.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps:
+                M.mtmd_bitmap_free(bitmap)
+
+    def _bitmap(self, image):
+        rgb = np.asarray(image)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or not rgb.size:
+            raise ImageError(f'expected an RGB uint8 image [H, W, 3], got {rgb.dtype} '
+                             f'{rgb.shape}')
+        rgb = np.ascontiguousarray(rgb)
+        bitmap = self._m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0],
+                                          rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+        if not bitmap:
+            raise ImageError('libmtmd cannot take the image')
+        return bitmap
+
+    def _collect(self, chunks):
+        """Walk libmtmd's chunks: text ids, and projector output for image chunks."""
+        M = self._m
+        width = self.decoder.hidden_size
+        ids: List[np.ndarray] = []
+        features: List[np.ndarray] = []
+        non_causal = False
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            kind = M.mtmd_input_chunk_get_type(chunk)
+            if kind == _CHUNK_TEXT:
+                ids.append(self._text_ids(chunk))
+                continue
+            if kind != _CHUNK_IMAGE:
+                raise UnsupportedModelError('only image inputs are supported (got audio)')
+            n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
+            if int(M.mtmd_input_chunk_get_n_pos(chunk)) != n:
+                raise UnsupportedModelError(f'{self.projector_type} images use '
+                                            'positions unlike tokens (not supported)')
+            non_causal = non_causal or bool(M.mtmd_decode_use_non_causal(self._ctx, chunk))
+            llamacpp.log_mark()
+            rc = M.mtmd_encode_chunk(self._ctx, chunk)
+            if rc != 0:
+                reason = llamacpp.recent_errors() or f'mtmd_encode_chunk returned {rc}'
+                raise BackendError(f'libmtmd failed to encode the image: {reason}')
+            ptr = M.mtmd_get_output_embd(self._ctx)
+            if not ptr:
+                raise BackendError('libmtmd returned no image embeddings')
+            features.append(np.ctypeslib.as_array(
+                ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n, width)).copy())
+            ids.append(np.full(n, self.image_token_id, dtype=np.int64))
+        input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        stacked = np.concatenate(features) if features else None
+        return MtmdRequest(input_ids, stacked, self.image_token_id,
+                           0 if stacked is None else len(stacked), non_causal)
+
+    def _text_ids(self, chunk):
+        M = self._m
+        count = ctypes.c_size_t()
+        ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+        ids = np.ctypeslib.as_array(ptr, shape=(count.value,)).astype(np.int64) \
+            if count.value else np.zeros(0, dtype=np.int64)
+        if (ids < 0).any():
+            if self.projector_type != 'idefics3':
+                raise UnsupportedModelError(
+                    f"libmtmd's {self.projector_type} template needs a token this "
+                    'vocabulary does not have')
+            # idefics3's only multi-character lookup is "\n\n" before the global image.
+            parts = [[int(t)] if t >= 0 else self._newlines for t in ids]
+            ids = np.array([t for part in parts for t in part], dtype=np.int64)
+        return ids
+
+    def start(self, prompt: str, images: Sequence[np.ndarray],
+              image_placeholder: Optional[str] = None, add_special: bool = False):
+        """Prepare and prefill: returns ``(request, session, logits [1, vocab])``."""
+        request = self.prepare(prompt, images, image_placeholder, add_special)
+        session, logits = self.decoder.start(request.input_ids, request.features,
+                                             request.image_token_id,
+                                             non_causal_images=request.non_causal)
+        return request, session, logits
+
+    def close(self):
+        """Free libmtmd's context (also done when garbage collected)."""
+        if self._ctx:
+            self._m.mtmd_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: B902 -- interpreter shutdown may have torn ctypes down
+            pass
+
+
+class MtmdVision:
+    """
+    The pipeline's vision stage for libmtmd: lays out the prompt around the image and encodes.
+
+    A family such as GgufChatFamily renders the prompt with a placeholder per image and leaves
+    ``input_ids`` empty; this fills them in, because libmtmd decides how many tokens (and tile
+    markers) each image takes.
+    """
+
+    def __init__(self, encoder: MtmdImageEncoder, placeholder: str = '<image>'):
+        self.encoder = encoder
+        self.placeholder = placeholder
+
+    def encode_prompt(self, request):
+        """Return ``(request with input_ids, features or None)``."""
+        from vlm_ros.engine.families.base import PreparedRequest
+        image = request.vision_inputs.get('image')
+        laid_out = self.encoder.prepare(request.prompt_text, [] if image is None else [image],
+                                        image_placeholder=self.placeholder)
+        if laid_out.non_causal:
+            raise UnsupportedModelError(
+                f'the {self.encoder.projector_type} projector needs non-causal image '
+                'attention, which this pipeline does not use yet')
+        done = PreparedRequest(laid_out.input_ids, {}, laid_out.image_token_id,
+                               laid_out.num_image_tokens, request.prompt_text)
+        return done, laid_out.features

@@ -1,0 +1,258 @@
+"""
+ONNX Runtime: vision encoder, token embedder and KV-cache decoder graphs.
+
+Works on the three-graph layout of the Hugging Face ONNX exports (``vision_encoder``,
+``embed_tokens``, ``decoder_model_merged``) in any precision: names, dtypes and cache shapes
+are read from the graphs, never assumed. The KV cache stays in ONNX Runtime's own buffers
+between steps (``run_with_ort_values``), so a decode step copies only the logits out.
+"""
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from vlm_ros.engine.errors import (ModelFilesError, ModelMismatchError, PromptTooLongError,
+                                   UnsupportedModelError)
+from vlm_ros.engine.generation import DecoderSession
+
+_ORT_TYPES = {
+    'tensor(float)': np.float32,
+    'tensor(float16)': np.float16,
+    'tensor(double)': np.float64,
+    'tensor(int64)': np.int64,
+    'tensor(int32)': np.int32,
+    'tensor(bool)': np.bool_,
+    'tensor(uint8)': np.uint8,
+}
+PAST_PREFIX = 'past_key_values.'
+
+
+def _ort():
+    import onnxruntime  # deferred: importing the engine must not load every runtime
+    return onnxruntime
+
+
+class SessionOptions:
+    """Threads and execution providers for every session a pipeline creates."""
+
+    def __init__(self, n_threads: int = 0, providers: Optional[Sequence[str]] = None):
+        self.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
+        self.providers = list(providers) if providers else ['CPUExecutionProvider']
+
+    def create(self, path):
+        """Open ``path`` as an InferenceSession, with a clear error when it cannot be."""
+        ort = _ort()
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ModelFilesError(f'ONNX model not found: {path}')
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.n_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.providers if p in available] or ['CPUExecutionProvider']
+        try:
+            return ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelFilesError(f'cannot load ONNX model {path}: {exc}') from exc
+
+
+class GraphIO:
+    """Input and output names, dtypes and shapes of one session."""
+
+    def __init__(self, session, path):
+        self.path = os.fspath(path)
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def dtype(self, name):
+        """Numpy dtype the graph declares for input ``name``."""
+        ort_type = self.inputs[name].type
+        if ort_type not in _ORT_TYPES:
+            raise UnsupportedModelError(f'{self.path}: input {name} has type {ort_type}')
+        return _ORT_TYPES[ort_type]
+
+    def require(self, known, required):
+        """Check the graph's inputs against the names this runtime knows how to feed."""
+        names = set(self.inputs)
+        unknown = sorted(n for n in names if n not in known and not n.startswith(PAST_PREFIX))
+        if unknown:
+            raise UnsupportedModelError(
+                f'{os.path.basename(self.path)} has inputs this engine does not know: '
+                f'{unknown} (known: {sorted(known)})')
+        missing = sorted(set(required) - names)
+        if missing:
+            raise UnsupportedModelError(
+                f'{os.path.basename(self.path)} lacks required inputs {missing}; '
+                f'it has {sorted(names)}')
+
+
+class OnnxVisionEncoder:
+    """Runs a vision encoder graph on a family's ``vision_inputs``."""
+
+    def __init__(self, path, options: SessionOptions, hidden_size: int):
+        self.session = options.create(path)
+        self.io = GraphIO(self.session, path)
+        if not self.io.inputs:
+            raise UnsupportedModelError(f'{path} has no inputs')
+        out = self.session.get_outputs()[0]
+        width = out.shape[-1] if out.shape else None
+        if isinstance(width, int) and width != hidden_size:
+            raise ModelMismatchError(
+                f'{os.path.basename(path)} produces features of width {width}, but the '
+                f'language model expects {hidden_size} (files from different models?)')
+        self.hidden_size = hidden_size
+
+    def encode(self, vision_inputs: Dict[str, np.ndarray]) -> np.ndarray:
+        """Return float32 features [tokens, hidden] for the image(s)."""
+        unknown = sorted(set(self.io.inputs) - set(vision_inputs))
+        if unknown:
+            raise UnsupportedModelError(
+                f'{os.path.basename(self.io.path)} wants inputs {unknown} that the model '
+                f'family does not produce (it produces {sorted(vision_inputs)})')
+        feed = {name: np.ascontiguousarray(vision_inputs[name], dtype=self.io.dtype(name))
+                for name in self.io.inputs}
+        features = self.session.run([self.io.outputs[0]], feed)[0]
+        features = np.asarray(features, dtype=np.float32)
+        return features.reshape(-1, features.shape[-1])
+
+
+class OnnxDecoder:
+    """Token embedder plus merged KV-cache decoder; one instance serves many requests."""
+
+    KNOWN_INPUTS = {'inputs_embeds', 'attention_mask', 'position_ids', 'num_logits_to_keep',
+                    'logits_to_keep', 'use_cache_branch'}
+
+    def __init__(self, embed_path, decoder_path, options: SessionOptions, *, hidden_size,
+                 num_layers, context_length):
+        self.embed = options.create(embed_path)
+        self.session = options.create(decoder_path)
+        self.embed_io = GraphIO(self.embed, embed_path)
+        self.io = GraphIO(self.session, decoder_path)
+        self.embed_io.require({'input_ids'}, {'input_ids'})
+        self.io.require(self.KNOWN_INPUTS, {'inputs_embeds', 'attention_mask'})
+        self.context_length = context_length
+        self.hidden_size = hidden_size
+        self._check_shapes(embed_path, decoder_path, hidden_size, num_layers)
+        self.embeds_dtype = self.io.dtype('inputs_embeds')
+        self.logits_name = 'logits' if 'logits' in self.io.outputs else self.io.outputs[0]
+
+    def _check_shapes(self, embed_path, decoder_path, hidden_size, num_layers):
+        name = os.path.basename(decoder_path)
+        width = self.io.inputs['inputs_embeds'].shape[-1]
+        if isinstance(width, int) and width != hidden_size:
+            raise ModelMismatchError(f'{name} takes embeddings of width {width}, but the model '
+                                     f'config says hidden_size {hidden_size}')
+        embed_width = self.embed.get_outputs()[0].shape[-1]
+        if isinstance(embed_width, int) and embed_width != hidden_size:
+            raise ModelMismatchError(
+                f'{os.path.basename(embed_path)} makes embeddings of width {embed_width}, but '
+                f'the model config says hidden_size {hidden_size}')
+        self.past_names: List[str] = []
+        layers = 0
+        while f'{PAST_PREFIX}{layers}.key' in self.io.inputs:
+            self.past_names += [f'{PAST_PREFIX}{layers}.key', f'{PAST_PREFIX}{layers}.value']
+            layers += 1
+        if layers == 0:
+            raise UnsupportedModelError(f'{name} has no past_key_values inputs: a decoder '
+                                        'without KV cache is not supported')
+        if num_layers and layers != num_layers:
+            raise ModelMismatchError(f'{name} has a KV cache for {layers} layers, but the '
+                                     f'model config says {num_layers} layers')
+        self.present_names = [n.replace(PAST_PREFIX, 'present.') for n in self.past_names]
+        missing = [n for n in self.present_names if n not in self.io.outputs]
+        if missing:
+            raise UnsupportedModelError(f'{name} lacks outputs {missing[:2]}...')
+        key = self.io.inputs[self.past_names[0]]
+        self.kv_dtype = self.io.dtype(self.past_names[0])
+        self.kv_heads, self.head_dim = key.shape[1], key.shape[3]
+        if not (isinstance(self.kv_heads, int) and isinstance(self.head_dim, int)):
+            raise UnsupportedModelError(f'{name}: KV cache heads and head size must be static '
+                                        f'in the graph (got shape {key.shape})')
+
+    def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        """Embeddings [seq, hidden] in the decoder's input dtype."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        out = self.embed.run(None, {'input_ids': ids})[0]
+        return out[0].astype(self.embeds_dtype, copy=False)
+
+    def start(self, input_ids, image_features=None, image_token_id=None):
+        """Prefill the prompt; returns (session, logits [1, vocab] of the last position)."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        if ids.size + 1 > self.context_length:
+            raise PromptTooLongError(
+                f'prompt of {ids.size} tokens leaves no room in the {self.context_length}-token '
+                'context; shorten the prompt or disable image splitting')
+        embeds = self.embed_tokens(ids)
+        if image_features is not None and len(image_features):
+            slots = np.flatnonzero(ids == image_token_id)
+            if slots.size != len(image_features):
+                raise ModelMismatchError(
+                    f'the prompt has {slots.size} image tokens but the vision encoder produced '
+                    f'{len(image_features)} features: image_seq_len in the processor config '
+                    'does not match the vision encoder')
+            embeds = embeds.copy()
+            embeds[slots] = image_features.astype(embeds.dtype, copy=False)
+        session = OnnxDecoderSession(self)
+        return session, session.prefill(embeds)
+
+
+class OnnxDecoderSession(DecoderSession):
+    """The KV cache of one request, kept as OrtValues between steps."""
+
+    def __init__(self, decoder: OnnxDecoder):
+        self.d = decoder
+        self.rows = 1
+        self.length = 0
+        ort = _ort()
+        self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), dtype=decoder.kv_dtype)
+        self.past = [self._ortvalue(empty) for _ in decoder.past_names]
+
+    def _run(self, embeds):
+        """Run the decoder on embeds [rows, seq, hidden]; return last-position logits."""
+        d = self.d
+        rows, seq = embeds.shape[:2]
+        total = self.length + seq
+        if total > d.context_length:
+            raise PromptTooLongError(f'the answer reached the {d.context_length}-token context')
+        feed = {'inputs_embeds': self._ortvalue(np.ascontiguousarray(embeds))}
+        inputs = d.io.inputs
+        feed['attention_mask'] = self._ortvalue(
+            np.ones((rows, total), dtype=d.io.dtype('attention_mask')))
+        if 'position_ids' in inputs:
+            positions = np.arange(self.length, total, dtype=d.io.dtype('position_ids'))
+            feed['position_ids'] = self._ortvalue(np.ascontiguousarray(
+                np.broadcast_to(positions, (rows, seq))))
+        for name in ('num_logits_to_keep', 'logits_to_keep'):
+            if name in inputs:
+                shape = [1] if inputs[name].shape else []
+                feed[name] = self._ortvalue(np.ones(shape, dtype=d.io.dtype(name)))
+        if 'use_cache_branch' in inputs:
+            feed['use_cache_branch'] = self._ortvalue(np.array([self.length > 0]))
+        feed.update(zip(d.past_names, self.past, strict=True))
+        outputs = d.session.run_with_ort_values([d.logits_name] + d.present_names, feed)
+        self.past = list(outputs[1:])
+        self.length = total
+        logits = outputs[0].numpy()
+        return np.asarray(logits[:, -1, :], dtype=np.float32)
+
+    def prefill(self, embeds):
+        """Run the whole prompt; returns logits [1, vocab]."""
+        return self._run(embeds[None])
+
+    def step(self, token_ids):
+        """Feed one token per row; returns logits [rows, vocab]."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        embeds = self.d.embed_tokens(ids).reshape(len(ids), 1, -1)
+        return self._run(embeds)
+
+    def select(self, rows):
+        """Reorder or duplicate cache rows (beam search)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.rows == len(rows) and np.array_equal(rows, np.arange(len(rows))):
+            return
+        self.past = [self._ortvalue(np.ascontiguousarray(v.numpy()[rows])) for v in self.past]
+        self.rows = len(rows)
