@@ -39,12 +39,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from vlm_ros.engine import images
-from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_END,
-                                          CONTROL_START, control_token_pattern,
-                                          mark_control_tokens)
+from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_START,
+                                          control_token_pattern, mark_control_tokens)
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    UnsupportedModelError)
-from vlm_ros.engine.families.base import ImageOptions, ModelFamily, PreparedRequest
+from vlm_ros.engine.families.base import ImageOptions, TemplatedFamily
 from vlm_ros.engine.model_files import load_json, text_config
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -167,7 +166,7 @@ def _size_entry(value, name, source):
     return value
 
 
-class Idefics3Family(ModelFamily):
+class Idefics3Family(TemplatedFamily):
     """SmolVLM / SmolVLM2 / Idefics3: every constant from the model directory's files."""
 
     def __init__(self, model_dir):
@@ -365,34 +364,10 @@ class Idefics3Family(ModelFamily):
         messages = mark_control_tokens(messages, self._control)
         return self.chat_template.render(messages, add_generation_prompt=True)
 
-    def prepare(self, image, prompt, system_prompt='', image_options=None) -> PreparedRequest:
-        """Build the request for an image (anything ``images.to_rgb`` takes) or None."""
-        vision_inputs, plan = {}, None
-        if image is not None:
-            vision_inputs, plan = self.preprocess(image, image_options)
-        text = self.render(prompt, system_prompt or '', 0 if plan is None else 1)
-        found = len(self._placeholder.findall(text))
-        wanted = 0 if plan is None else 1
-        if found != wanted:
-            raise UnsupportedModelError(
-                f'the chat template wrote {found} {self.image_token} placeholders for '
-                f'{wanted} image(s)')
-        if plan is not None:
-            expansion = self.image_prompt(plan.rows, plan.cols)
-            text = self._placeholder.sub(lambda _: expansion, text)
-        ids = self.tokenizer.encode_marked(text)
-        input_ids = np.asarray(ids, dtype=np.int64)
-        num_image_tokens = int(np.count_nonzero(input_ids == self.image_token_id))
-        expected = 0 if plan is None else plan.num_frames * self.image_seq_len
-        if num_image_tokens != expected:
-            raise ModelFilesError(
-                f'the prompt holds {num_image_tokens} {self.image_token} ids, expected '
-                f'{expected}: tokenizer.json does not keep {self.image_token!r} whole')
-        readable = text.replace(CONTROL_START, '').replace(CONTROL_END, '')
-        return PreparedRequest(input_ids=input_ids, vision_inputs=vision_inputs,
-                               image_token_id=self.image_token_id,
-                               num_image_tokens=num_image_tokens, prompt_text=readable)
+    def expand_image(self, plan) -> str:
+        """Return the text one image of this ``plan`` expands to."""
+        return self.image_prompt(plan.rows, plan.cols)
 
-    def decode(self, token_ids, skip_special_tokens=True) -> str:
-        """Turn generated ids into text with the model's tokenizer."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens)
+    def image_tokens_for(self, plan) -> int:
+        """Return ``image_seq_len`` tokens per frame (tiles plus the global image)."""
+        return plan.num_frames * self.image_seq_len

@@ -43,12 +43,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from vlm_ros.engine import images
-from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_END,
-                                          CONTROL_START, control_token_pattern,
-                                          mark_control_tokens)
+from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_START,
+                                          control_token_pattern, mark_control_tokens)
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    UnsupportedModelError)
-from vlm_ros.engine.families.base import ImageOptions, ModelFamily, PreparedRequest
+from vlm_ros.engine.families.base import ImageOptions, TemplatedFamily
 from vlm_ros.engine.model_files import load_json, text_config
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -152,7 +151,7 @@ def _three(value, name, source) -> List[float]:
     return values
 
 
-class InternVLFamily(ModelFamily):
+class InternVLFamily(TemplatedFamily):
     """InternVL2.5 / InternVL3 in transformers' or the original layout, from their files."""
 
     vision_input_names = ('pixel_values',)
@@ -296,6 +295,8 @@ class InternVLFamily(ModelFamily):
             self.start_image_token, self.end_image_token = START_IMAGE_TOKEN, END_IMAGE_TOKEN
             self.image_token = CONTEXT_IMAGE_TOKEN
             self.template_image_token = _IMAGE_SENTINEL
+        self.placeholder_label = (CHAT_IMAGE_PLACEHOLDER if self.name == CHAT_MODEL_TYPE
+                                  else self.template_image_token)
         ids = {}
         for token in (self.start_image_token, self.end_image_token, self.image_token):
             ids[token] = tok.token_to_id(token)
@@ -391,35 +392,10 @@ class InternVLFamily(ModelFamily):
                 messages[-1]['content']
         return self.chat_template.render(messages, add_generation_prompt=True)
 
-    def prepare(self, image, prompt, system_prompt='', image_options=None) -> PreparedRequest:
-        """Build the request for an image (anything ``images.to_rgb`` takes) or None."""
-        vision_inputs, plan = {}, None
-        if image is not None:
-            vision_inputs, plan = self.preprocess(image, image_options)
-        text = self.render(prompt, system_prompt or '', 0 if plan is None else 1)
-        found = len(self._placeholder.findall(text))
-        wanted = 0 if plan is None else 1
-        if found != wanted:
-            shown = CHAT_IMAGE_PLACEHOLDER if self.name == CHAT_MODEL_TYPE else \
-                self.template_image_token
-            raise UnsupportedModelError(
-                f'the chat template wrote {found} {shown} placeholders for {wanted} image(s)')
-        if plan is not None:
-            expansion = self.image_prompt(plan.num_tiles)
-            text = self._placeholder.sub(lambda _: expansion, text)
-        ids = self.tokenizer.encode_marked(text)
-        input_ids = np.asarray(ids, dtype=np.int64)
-        num_image_tokens = int(np.count_nonzero(input_ids == self.image_token_id))
-        expected = 0 if plan is None else plan.num_tiles * self.image_seq_length
-        if num_image_tokens != expected:
-            raise ModelFilesError(
-                f'the prompt holds {num_image_tokens} {self.image_token} ids, expected '
-                f'{expected}: tokenizer.json does not keep {self.image_token!r} whole')
-        readable = text.replace(CONTROL_START, '').replace(CONTROL_END, '')
-        return PreparedRequest(input_ids=input_ids, vision_inputs=vision_inputs,
-                               image_token_id=self.image_token_id,
-                               num_image_tokens=num_image_tokens, prompt_text=readable)
+    def expand_image(self, plan) -> str:
+        """Return the text one image of this ``plan`` expands to."""
+        return self.image_prompt(plan.num_tiles)
 
-    def decode(self, token_ids, skip_special_tokens=True) -> str:
-        """Turn generated ids into text with the model's tokenizer."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens)
+    def image_tokens_for(self, plan) -> int:
+        """Return ``image_seq_length`` tokens per tile (thumbnail included)."""
+        return plan.num_tiles * self.image_seq_length
