@@ -11,3 +11,5 @@ source "$INSTALL_BASE/setup.bash"
 unset _vlm_ros_nounset
 # The tooling package (tiny-model factories, exporters) is test/dev only: never installed.
 export PYTHONPATH="$ROOT/tools${PYTHONPATH:+:$PYTHONPATH}"
+# What `ros2 run vlm_ros <exe>` would find (ros2cli is not on PyPI): vlm_node, vlm_ask.
+export PATH="$INSTALL_BASE/vlm_ros/lib/vlm_ros:$PATH"
