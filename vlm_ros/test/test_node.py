@@ -366,7 +366,7 @@ def test_launch_file_and_configs(tmp_path):
         assert run.returncode == 0, (path.name, run.stderr)
         names = set(json.loads(run.stdout))
         assert names <= set(params.SPEC_BY_NAME), (path.name, names)
-        assert 'model_type' in names or path.name == 'default.yaml'
+        assert 'model_type' in names or 'backend' in names or path.name == 'default.yaml'
     bad = tmp_path / 'bad.yaml'
     bad.write_text('/**:\n  ros__parameters:\n    feed_type: 5\n')
     run = subprocess.run(python_script(TEST_DIR / 'check_params_file.py', bad),

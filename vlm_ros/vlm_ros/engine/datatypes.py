@@ -94,10 +94,14 @@ class Result:
     """Prompt length in tokens, image tokens included."""
     image_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
+    completion_token_count: Optional[int] = None
+    """Generated tokens when the ids are unknown (a remote server reports only the count)."""
 
     @property
     def completion_tokens(self):
         """Count generated tokens (end-of-sequence included when one ended the answer)."""
+        if self.completion_token_count is not None:
+            return self.completion_token_count
         return len(self.token_ids)
 
     @property

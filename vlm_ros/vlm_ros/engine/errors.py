@@ -36,3 +36,44 @@ class GenerationError(VlmError, ValueError):
 
 class BackendError(VlmError, RuntimeError):
     """A runtime or remote server failed while answering."""
+
+
+class RemoteConfigError(VlmError, ValueError):
+    """The remote backend is misconfigured: URL, model name or API key variable."""
+
+
+class RemoteError(BackendError):
+    """A remote OpenAI-compatible server could not answer; ``url`` names the server."""
+
+    def __init__(self, message, url=''):
+        super().__init__(message)
+        self.url = url
+
+
+class RemoteUnreachableError(RemoteError):
+    """No connection to the server (refused, no route, DNS, connect timeout), after retries."""
+
+
+class RemoteTimeoutError(RemoteError):
+    """The server accepted the request but sent nothing for longer than the read timeout."""
+
+
+class RemoteHTTPError(RemoteError):
+    """The server answered with an HTTP error status; ``server_message`` is its own reason."""
+
+    def __init__(self, message, url='', status_code=0, server_message=''):
+        super().__init__(message, url)
+        self.status_code = status_code
+        self.server_message = server_message
+
+
+class RemoteRequestError(RemoteHTTPError):
+    """HTTP 4xx: the server rejected the request (bad request, unknown model, API key)."""
+
+
+class RemoteServerError(RemoteHTTPError):
+    """HTTP 5xx: the server failed while handling the request."""
+
+
+class RemoteStreamError(RemoteError):
+    """The answer stream was malformed or cut off (connection dropped, no ``[DONE]``)."""

@@ -2,17 +2,21 @@
 From node parameters to model files (checked at configure) and a pipeline (at activate).
 
 Relative paths resolve against ``model_dir`` when it is set, otherwise against the package's
-share directory; never against the working directory the node happened to start in.
+share directory; never against the working directory the node happened to start in. With
+``backend:=remote`` no model file is read: configure checks the server settings and
+activate creates the HTTP client of a ``RemoteRuntime`` instead of runtime sessions.
 """
 
 from dataclasses import dataclass
 import os
 import pathlib
-from typing import Optional
+from typing import Optional, Union
 
 from vlm_ros.engine import model_files
 from vlm_ros.engine.errors import ModelFilesError, UnsupportedModelError
 from vlm_ros.ros.params import MODEL_INTERNVL, MODEL_SMOLVLM
+
+BACKEND_REMOTE = 'remote'
 
 DEFAULT_MODEL = 'models/default'
 FAMILY_OF_MODEL_TYPE = {MODEL_INTERNVL: ('internvl', 'internvl_chat'),
@@ -50,17 +54,41 @@ class ModelChoice:
                 f'decoder={self.decoder.name} ({self.runtime})')
 
 
+@dataclass
+class RemoteChoice:
+    """The OpenAI-compatible server a configured node will send requests to on activate."""
+
+    url: str
+    model: str
+    api_key_env: str = ''
+    label: str = ''
+    is_default: bool = False
+    runtime: str = 'remote'
+
+    def describe(self):
+        """One line for logs: backend, URL, model and the key's variable name (not the key)."""
+        key = f', API key from ${self.api_key_env}' if self.api_key_env else ', no API key'
+        return f'remote backend at {self.url}: model {self.model!r}{key}'
+
+
 def _resolve(base: pathlib.Path, value: str) -> pathlib.Path:
     path = pathlib.Path(os.path.expanduser(value))
     return path if path.is_absolute() else base / path
 
 
-def choose_model(cfg, share: Optional[pathlib.Path] = None) -> ModelChoice:
+def choose_model(cfg, share: Optional[pathlib.Path] = None) -> Union[ModelChoice, RemoteChoice]:
     """
     Resolve and check the model files named by the parameters in ``cfg``.
 
-    Raises ModelFilesError / UnsupportedModelError naming the file and the reason.
+    Raises ModelFilesError / UnsupportedModelError naming the file and the reason. With
+    ``backend`` remote, checks the server settings instead (RemoteConfigError) and returns a
+    RemoteChoice; local model parameters are then ignored.
     """
+    if cfg.get('backend') == BACKEND_REMOTE:
+        from vlm_ros.engine.runtimes.remote import check_remote_settings
+        url = check_remote_settings(cfg['remote_url'], cfg['remote_model'],
+                                    cfg['remote_api_key_env'])
+        return RemoteChoice(url, cfg['remote_model'].strip(), cfg['remote_api_key_env'])
     share = share or share_dir()
     vision_name, llm_name, dir_name = (cfg['model_file_name'], cfg['llm_model_name'],
                                        cfg['model_dir'])
@@ -125,8 +153,15 @@ def _check_mmproj(mmproj, decoder, family_name):
                                     f'{family_name} needs one of {wanted}')
 
 
-def load_pipeline(choice: ModelChoice, cfg):
-    """Create the runtime sessions for ``choice`` (what activate does)."""
+def load_pipeline(choice, cfg):
+    """Create the runtime sessions for ``choice``, or the remote client (what activate does)."""
+    if isinstance(choice, RemoteChoice):
+        from vlm_ros.engine.runtimes.remote import RemoteRuntime
+        return RemoteRuntime(choice.url, choice.model, api_key_env=choice.api_key_env,
+                             connect_timeout_s=cfg['remote_connect_timeout_s'],
+                             read_timeout_s=cfg['remote_read_timeout_s'],
+                             max_retries=cfg['remote_max_retries'],
+                             image_max_side=cfg['remote_image_max_side'])
     from vlm_ros.engine.pipeline import pipeline
     return pipeline(choice.model_dir, vision_model=choice.vision,
                     decoder_model=choice.decoder, n_threads=cfg['n_threads'],

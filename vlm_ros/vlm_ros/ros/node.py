@@ -102,8 +102,12 @@ class VlmNode(Node):
         except (VlmError, OSError, ValueError) as exc:
             self.get_logger().error(f'activate failed: cannot create sessions: {exc}')
             return TransitionCallbackReturn.FAILURE
-        self.get_logger().info(f'sessions created ({self.choice.runtime}, '
-                               f'{self.cfg["n_threads"] or os.cpu_count()} threads)')
+        if isinstance(self.choice, model_loader.RemoteChoice):
+            detail = f'remote client for {self.choice.url}'
+        else:
+            detail = (f'{self.choice.runtime}, {self.cfg["n_threads"] or os.cpu_count()} '
+                      'threads')
+        self.get_logger().info(f'sessions created ({detail})')
         if self.choice.label:
             self.get_logger().warning(f'the loaded model is {self.choice.label}')
         self._active.set()
@@ -138,7 +142,9 @@ class VlmNode(Node):
         if not self.queue.close(DEACTIVATE_GRACE_S):
             self.get_logger().warning(
                 f'a request did not stop within {DEACTIVATE_GRACE_S} s of deactivation')
-        self.pipeline = None
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.close()  # sessions or HTTP client; queue.close cancelled any request
         gc.collect()  # runtime sessions hold large buffers: free them now, not later
         self.get_logger().info('sessions released')
 
