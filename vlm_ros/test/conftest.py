@@ -1,18 +1,43 @@
 """Shared fixtures: an isolated ROS 2 domain per test process and a real node process."""
 
+import fcntl
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import pytest
 
+
+def _claim_domain():
+    """
+    Return a ROS domain id no other running test process of this project holds, and its lock.
+
+    A pid-derived id alone collides now and then when several suites run at once, and then
+    one suite's client talks to the other suite's vlm_node; an flock per domain rules that out.
+    """
+    start = os.getpid() % 100
+    for offset in range(100):
+        domain = 1 + (start + offset) % 100
+        lock = open(os.path.join(tempfile.gettempdir(), f'vlm_ros_test_domain_{domain}.lock'),
+                    'w')
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        return domain, lock
+    raise RuntimeError('no free ROS domain id for the tests (100 suites running?)')
+
+
 # One DDS domain per pytest process, discovery on this host only: parallel runs and other
-# sessions on the machine never see each other's nodes.
-os.environ['ROS_DOMAIN_ID'] = str(1 + os.getpid() % 100)
+# sessions on the machine never see each other's nodes. The lock lives as long as the process.
+_DOMAIN, _DOMAIN_LOCK = _claim_domain()
+os.environ['ROS_DOMAIN_ID'] = str(_DOMAIN)
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ.setdefault('RCUTILS_LOGGING_BUFFERED_STREAM', '0')
 
