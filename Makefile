@@ -3,7 +3,7 @@
 ROS_DISTRO ?= kilted
 export ROS_DISTRO
 
-.PHONY: setup build test demo lint clean
+.PHONY: setup build test demo bench lint clean
 
 setup:
 	scripts/setup.sh
@@ -16,6 +16,9 @@ test:
 
 demo:
 	scripts/demo.sh $(ROS_ARGS)
+
+bench:
+	scripts/bench.sh $(BENCH_ARGS)
 
 lint:
 	scripts/test.sh -m lint

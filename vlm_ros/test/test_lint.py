@@ -14,7 +14,7 @@ pytestmark = pytest.mark.lint
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 # Everything Python in the repository that a reviewer reads.
-PATHS = [str(PACKAGE), str(REPO / 'tools'), str(REPO / 'scripts')]
+PATHS = [str(PACKAGE), str(REPO / 'tools'), str(REPO / 'scripts'), str(REPO / 'benchmarks')]
 
 
 @pytest.mark.flake8

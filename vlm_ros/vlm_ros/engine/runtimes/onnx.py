@@ -90,9 +90,17 @@ class GraphIO:
 
 
 class OnnxVisionEncoder:
-    """Runs a vision encoder graph on a family's ``vision_inputs``."""
+    """
+    Runs a vision encoder graph on a family's ``vision_inputs``.
 
-    def __init__(self, path, options: SessionOptions, hidden_size: int):
+    Frames (tiles) go through the graph ``frames_per_run`` at a time: its activations grow
+    with the frames it sees at once (SmolVLM2's SigLIP at 17 tiles: 4.7 GB peak RSS in one
+    run, 1.05 GB tile by tile) and the features are the same.
+    """
+
+    def __init__(self, path, options: SessionOptions, hidden_size: int,
+                 frames_per_run: int = 1):
+        self.frames_per_run = max(1, frames_per_run)
         self.session = options.create(path)
         self.io = GraphIO(self.session, path)
         if not self.io.inputs:
@@ -114,6 +122,22 @@ class OnnxVisionEncoder:
                 f'family does not produce (it produces {sorted(vision_inputs)})')
         feed = {name: np.ascontiguousarray(vision_inputs[name], dtype=self.io.dtype(name))
                 for name in self.io.inputs}
+        # The frame axis: [batch, frames, 3, H, W] (Idefics3) or [tiles, 3, H, W] (InternVL);
+        # every input must have the same count there, else the graph gets the whole feed.
+        pixels = feed.get('pixel_values')
+        axis = {5: 1, 4: 0}.get(getattr(pixels, 'ndim', 0))
+        count = pixels.shape[axis] if axis is not None else 0
+        step = self.frames_per_run
+        if axis is None or count <= step or any(
+                v.ndim <= axis or v.shape[axis] != count for v in feed.values()):
+            return self._run(feed)
+        parts = []
+        for start in range(0, count, step):
+            index = (slice(None),) * axis + (slice(start, start + step),)
+            parts.append(self._run({n: np.ascontiguousarray(v[index]) for n, v in feed.items()}))
+        return np.concatenate(parts)
+
+    def _run(self, feed):
         features = self.session.run([self.io.outputs[0]], feed)[0]
         features = np.asarray(features, dtype=np.float32)
         return features.reshape(-1, features.shape[-1])

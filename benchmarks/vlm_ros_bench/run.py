@@ -1,0 +1,283 @@
+"""
+The benchmark run: models, hardware limits, every path in its own process, ROS, report.
+
+``python -m vlm_ros_bench run`` (what ``make bench`` calls) measures the real-size models;
+``--tiny`` runs the same code on the tiny test model in well under a minute (the test uses
+it). Results go to ``--out`` (default ``benchmarks/results``) as ``<name>.json``,
+``<name>.md`` and ``<name>.png``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from vlm_ros_bench import common, hardware, models, paths, report, schema, SCHEMA_VERSION
+
+DEFAULT_MODELS = ('smolvlm2-256m', 'smolvlm2-500m')
+
+
+def _log(message):
+    print(f'[bench] {message}', file=sys.stderr, flush=True)
+
+
+def add_arguments(parser):
+    """Add the run options to an argparse parser."""
+    parser.add_argument('--tiny', action='store_true',
+                        help='the tiny test model, 1 repetition, small hardware probes '
+                             '(end-to-end check of the harness; the numbers mean nothing)')
+    parser.add_argument('--models', default=','.join(DEFAULT_MODELS),
+                        help=f'comma-separated, from {", ".join(models.SPECS)}')
+    parser.add_argument('--paths', default='',
+                        help='comma-separated path names (default: all): '
+                             + ', '.join(p.name for p in paths.PATHS))
+    parser.add_argument('--splits', default='off,on', help='image splitting: off, on or both')
+    parser.add_argument('--reps', type=int, default=None, help='measured repetitions (5)')
+    parser.add_argument('--warmup', type=int, default=None, help='warm-up runs (1)')
+    parser.add_argument('--new-tokens', type=int, default=64)
+    parser.add_argument('--threads', type=int, default=0, help='0: every core')
+    parser.add_argument('--n-ctx', type=int, default=4096, help='llama.cpp context size')
+    parser.add_argument('--group-splits', action=argparse.BooleanOptionalAction, default=None,
+                        help='measure split off and on in one process per path (default: '
+                             'only with --tiny)')
+    parser.add_argument('--no-ros', action='store_true', help='skip the ROS overhead')
+    parser.add_argument('--ros-model', default='tiny',
+                        help="model the node runs for the ROS overhead: 'tiny' (isolates ROS "
+                             'costs, the default) or a benchmark model name')
+    parser.add_argument('--ros-reps', type=int, default=None, help='calls per image (20)')
+    parser.add_argument('--bandwidth-mb', type=int, default=None, help='array size (1024)')
+    parser.add_argument('--matmul-n', type=int, default=None, help='matrix size (2048)')
+    parser.add_argument('--out', default=os.path.join(common.BENCH_DIR, 'results'))
+    parser.add_argument('--name', default='latest', help='file name stem of the results')
+    parser.add_argument('--note', default=None, help='a remark printed at the top')
+    parser.add_argument('--timeout', type=float, default=7200.0,
+                        help='seconds one path process may take')
+    parser.add_argument('--rebuild', action='store_true', help='rebuild the models first')
+
+
+def _settings(args):
+    threads = args.threads or os.cpu_count() or 1
+    tiny = args.tiny
+    splits = []
+    for word in args.splits.split(','):
+        word = word.strip().lower()
+        if word not in ('off', 'on'):
+            raise SystemExit(f'--splits takes off and/or on, got {word!r}')
+        splits.append(word == 'on')
+    return {
+        'threads': threads,
+        'new_tokens': args.new_tokens if not tiny or args.new_tokens != 64 else 16,
+        'warmup': args.warmup if args.warmup is not None else (0 if tiny else 1),
+        'repetitions': args.reps if args.reps is not None else (1 if tiny else 5),
+        'prompt': common.PROMPT,
+        'image': {'width': common.IMAGE_SIZE, 'height': common.IMAGE_SIZE,
+                  'kind': 'synthetic, fixed seed (vlm_ros_bench.common.bench_image)'},
+        'n_ctx': args.n_ctx,
+        'splits': splits,
+        'group_splits': tiny if args.group_splits is None else bool(args.group_splits),
+        'paths': [p.name for p in paths.select([n for n in args.paths.split(',') if n])],
+        'models': ['tiny-a'] if tiny else [m for m in args.models.split(',') if m],
+        'ignore_eos': True,
+    }
+
+
+def _build(name, rebuild):
+    """Build a model in a child process (torch stays out of this one); return its manifest."""
+    target = models.model_path(name)
+    manifest = models.load_manifest(target) if os.path.isdir(target) else None
+    if manifest is None or rebuild:
+        _log(f'building {name} (once; cached in {models.cache_root()})')
+        cmd = [sys.executable, '-m', 'vlm_ros_bench.models', name]
+        if rebuild:
+            cmd.append('--rebuild')
+        subprocess.run(cmd, check=True, env=common.child_env())
+        manifest = models.load_manifest(target)
+    return manifest
+
+
+def _hardware(settings, args, workdir):
+    out = os.path.join(workdir, 'hardware.json')
+    mb = args.bandwidth_mb or (64 if args.tiny else 1024)
+    n = args.matmul_n or (256 if args.tiny else 2048)
+    cmd = [sys.executable, '-m', 'vlm_ros_bench.hardware', out,
+           '--threads', str(settings['threads']), '--mb', str(mb), '--matmul-n', str(n)]
+    if args.tiny:
+        cmd.append('--no-torch')
+    subprocess.run(cmd, check=True, env=common.child_env(settings['threads']))
+    with open(out, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def _prompt_lengths(manifest, settings):
+    """Prompt length (image tokens included) per split, as our pipeline lays it out."""
+    from vlm_ros.engine.families import load_family
+    from vlm_ros.engine.families.base import ImageOptions
+
+    family = load_family(manifest['model_dir'])
+    image = common.bench_image()
+    return {split: int(family.prepare(image, settings['prompt'], '',
+                                      ImageOptions(do_image_splitting=split)).input_ids.size)
+            for split in settings['splits']}
+
+
+def _run_worker(spec, workdir, timeout, threads):
+    tag = f'{spec["model_name"]}-{spec["path"]["name"]}-{len(os.listdir(workdir))}'
+    spec_path = os.path.join(workdir, f'{tag}.spec.json')
+    out_path = os.path.join(workdir, f'{tag}.out.json')
+    log_path = os.path.join(workdir, f'{tag}.log')
+    with open(spec_path, 'w', encoding='utf-8') as f:
+        json.dump(spec, f, indent=1)
+    failure = None
+    with open(log_path, 'w') as log:
+        try:
+            proc = subprocess.run([sys.executable, '-m', 'vlm_ros_bench.worker', spec_path,
+                                   out_path], stdout=log, stderr=subprocess.STDOUT,
+                                  env=common.child_env(threads), timeout=timeout)
+            if proc.returncode != 0:
+                failure = f'worker exited with code {proc.returncode}'
+        except subprocess.TimeoutExpired:
+            failure = f'worker timed out after {timeout:.0f} s'
+    if failure is None and os.path.isfile(out_path):
+        with open(out_path, encoding='utf-8') as f:
+            return json.load(f)
+    with open(log_path, encoding='utf-8', errors='replace') as f:
+        tail = f.read()[-1500:]
+    failure = failure or 'worker wrote no result'
+    return {'cases': [{'split': c['split'], 'status': 'error', 'error': f'{failure}: {tail}',
+                       'reps': [], 'files': c['files']} for c in spec['cases']]}
+
+
+def _measure_model(manifest, settings, args, hw, workdir):
+    records = []
+    lengths = _prompt_lengths(manifest, settings)
+    for path in paths.select(settings['paths']):
+        cases = [{'split': split, 'files': paths.case_files(path, manifest, split),
+                  'prompt_tokens': lengths[split]} for split in settings['splits']]
+        groups = [cases] if settings['group_splits'] else [[c] for c in cases]
+        for group in groups:
+            spec = {'model_name': manifest['name'], 'path': path.describe(),
+                    'model_dir': manifest['model_dir'], 'threads': settings['threads'],
+                    'n_ctx': settings['n_ctx'], 'new_tokens': settings['new_tokens'],
+                    'warmup': settings['warmup'], 'reps': settings['repetitions'],
+                    'prompt': settings['prompt'], 'image_size': common.IMAGE_SIZE,
+                    'cases': group}
+            start = time.perf_counter()
+            result = _run_worker(spec, workdir, args.timeout, settings['threads'])
+            for case in result['cases']:
+                record = report.run_record(manifest, path, case, settings, hw)
+                records.append(record)
+                split = 'on' if record['split'] else 'off'
+                if record['status'] == 'ok':
+                    t = record['timings']
+                    _log(f'{manifest["name"]} {path.name} split {split}: e2e '
+                         f'{t["e2e_ms"]["median"]:.0f} ms, TPOT {t["tpot_ms"]["median"]:.2f} '
+                         f'ms, peak RSS {record["peak_rss_mb"]:.0f} MB '
+                         f'({time.perf_counter() - start:.0f} s)')
+                else:
+                    _log(f'{manifest["name"]} {path.name} split {split}: ERROR '
+                         f'{record["error"][:300]}')
+    return records
+
+
+def _ros(settings, args, workdir):
+    if args.no_ros:
+        return {'status': 'skipped', 'error': 'skipped (--no-ros)', 'model': None, 'cases': []}
+    try:
+        if args.tiny or args.ros_model == 'tiny':
+            from vlm_ros_tools.export_onnx import cached_test_model
+
+            model_dir, label = cached_test_model('a'), 'tiny test model a (ONNX)'
+        else:
+            model_dir = _build(args.ros_model, False)['model_dir']
+            label = f'{args.ros_model} (ONNX fp32)'
+        from vlm_ros_bench import ros_overhead
+    except Exception as exc:  # noqa: B902 -- no ROS in this environment: report, go on
+        return {'status': 'skipped', 'error': f'{type(exc).__name__}: {exc}', 'model': None,
+                'cases': []}
+    reps = args.ros_reps or (2 if args.tiny else 20)
+    _log(f'ROS overhead: vlm_node on {label}, {reps} calls per image')
+    return ros_overhead.measure(model_dir, label, settings['threads'], reps,
+                                1 if args.tiny else 3, os.path.join(workdir, 'vlm_node.log'))
+
+
+def _write(doc):
+    """Draw the chart, check the schema, write JSON and markdown."""
+    skipped = report.chart(doc, doc['artifacts']['json'][:-len('.json')] + '.png')
+    if skipped:
+        _log(f'chart skipped: {skipped}')
+        doc['artifacts'].update(chart=None, chart_skipped=skipped)
+    else:
+        doc['artifacts'].update(chart=doc['artifacts']['json'][:-len('.json')] + '.png',
+                                chart_skipped=None)
+    problems = schema.validate(doc)
+    if problems:
+        raise RuntimeError('the results do not match the schema:\n' + '\n'.join(problems))
+    with open(doc['artifacts']['json'], 'w', encoding='utf-8') as f:
+        json.dump(doc, f, indent=1)
+        f.write('\n')
+    with open(doc['artifacts']['markdown'], 'w', encoding='utf-8') as f:
+        f.write(report.markdown(doc))
+    _log(f'wrote {doc["artifacts"]["json"]} and {doc["artifacts"]["markdown"]}')
+
+
+def rerender(argv):
+    """Re-render markdown and chart of results JSON files (``report`` sub-command)."""
+    if not argv or any(a.startswith('-') for a in argv):
+        print('usage: python -m vlm_ros_bench report RESULTS.json [...]', file=sys.stderr)
+        return 2
+    for path in argv:
+        with open(path, encoding='utf-8') as f:
+            doc = json.load(f)
+        stem = os.path.abspath(path)[:-len('.json')]
+        doc['artifacts'].update(json=stem + '.json', markdown=stem + '.md')
+        _write(doc)
+    return 0
+
+
+def run(args, argv):
+    """Run the benchmark described by parsed ``args``; return the written document."""
+    start = time.perf_counter()
+    settings = _settings(args)
+    os.makedirs(args.out, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix='vlm_ros_bench-')
+    _log(f'{settings["threads"]} threads; work files in {workdir}')
+    machine = hardware.machine_facts(settings['threads'], common.REPO)
+    if args.tiny:
+        manifests = [models.tiny_manifest()]
+    else:
+        manifests = [_build(name, args.rebuild) for name in settings['models']]
+    _log('measuring memory bandwidth and matmul throughput')
+    hw = _hardware(settings, args, workdir)
+    _log(f'read bandwidth {hw["bandwidth"]["memory_read_gbps"]:.1f} GB/s, fp32 matmul '
+         f'{hw["matmul"]["peak_gflops"]:.0f} GFLOP/s')
+    runs = []
+    for manifest in manifests:
+        runs += _measure_model(manifest, settings, args, hw, workdir)
+    ros = _ros(settings, args, workdir)
+    stem = os.path.join(os.path.abspath(args.out), args.name)
+    doc = {
+        'schema_version': SCHEMA_VERSION,
+        'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        'command': 'python -m vlm_ros_bench ' + ' '.join(shlex.quote(a) for a in argv),
+        'mode': 'tiny' if args.tiny else 'full',
+        'note': args.note,
+        'duration_s': 0.0,
+        'settings': settings,
+        'machine': machine,
+        'hardware': hw,
+        'models': manifests,
+        'runs': runs,
+        'decode_overhead': report.decode_overhead(runs),
+        'ros_overhead': ros,
+        'artifacts': {'json': stem + '.json', 'markdown': stem + '.md', 'chart': stem + '.png',
+                      'chart_skipped': None},
+    }
+    doc['duration_s'] = time.perf_counter() - start
+    _write(doc)
+    _log(f'done in {doc["duration_s"] / 60:.1f} min')
+    return doc

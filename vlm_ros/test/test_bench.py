@@ -1,0 +1,120 @@
+"""
+The benchmark harness end to end on the tiny test model: complete, well-formed results.
+
+``python -m vlm_ros_bench --tiny`` runs every path (transformers, ONNX Runtime fp32 / int8,
+ONNX vision + llama.cpp f16 / Q8_0 / Q4_0, libmtmd, raw llama.cpp) with image splitting off
+and on, the hardware probes and the ROS overhead through a real vlm_node, and writes JSON and
+markdown. Only the shape of the results is checked, never a speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+import pytest
+
+pytest.importorskip('torch')
+sys.path.insert(0, str(REPO / 'benchmarks'))
+from vlm_ros_bench import paths, schema  # noqa: E402
+
+pytestmark = pytest.mark.ros  # starts vlm_node for the ROS overhead
+
+
+@pytest.fixture(scope='module')
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(
+        [str(REPO / 'benchmarks'), str(REPO / 'tools'), env.get('PYTHONPATH', '')])
+    run = subprocess.run([sys.executable, '-m', 'vlm_ros_bench', 'run', '--tiny', '--out',
+                          str(out), '--name', 'tiny'], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-6000:]
+    doc = json.loads((out / 'tiny.json').read_text())
+    return out, doc, run.stderr
+
+
+def test_results_match_the_schema(tiny_results):
+    _, doc, _ = tiny_results
+    assert schema.validate(doc) == []
+    assert doc['mode'] == 'tiny'
+    assert doc['settings']['threads'] == os.cpu_count()
+    assert doc['machine']['threads_used'] == doc['settings']['threads']
+    assert doc['machine']['versions']['onnxruntime']
+    assert doc['machine']['versions']['llama_cpp_python']
+    assert doc['hardware']['bandwidth']['memory_read_gbps'] > 0
+    assert doc['hardware']['matmul']['peak_gflops'] > 0
+
+
+def test_every_path_and_split_ran(tiny_results):
+    _, doc, _ = tiny_results
+    ran = {(r['path'], r['split']) for r in doc['runs']}
+    assert ran == {(p.name, split) for p in paths.PATHS for split in (False, True)}
+    for r in doc['runs']:
+        where = f'{r["path"]} split={r["split"]}'
+        assert r['status'] == 'ok', f'{where}: {r["error"]}'
+        t = r['timings']
+        for name in ('prefill_ms', 'decode_ms', 'tpot_ms', 'tokens_per_s', 'e2e_ms'):
+            assert t[name] and t[name]['n'] == r['repetitions'] >= 1, f'{where}: {name}'
+            assert t[name]['min'] <= t[name]['median'] <= t[name]['max']
+        raw = r['path_info']['kind'] == 'raw'
+        assert (t['vision_ms'] is None) == raw and (t['preprocess_ms'] is None) == raw, where
+        assert r['peak_rss_mb'] > 0 and r['prompt_tokens'] > 0
+        roof = r['roofline']
+        assert roof['decode_bytes_per_token'] > 0 and roof['tpot_bound_ms'] > 0, where
+        assert roof['bandwidth_fraction'] > 0 and roof['prefill_gflop'] > 0, where
+        assert (roof['vision_gflop'] is None) == raw, where
+
+
+def test_paths_see_the_same_prompt(tiny_results):
+    _, doc, _ = tiny_results
+    for split in (False, True):
+        runs = [r for r in doc['runs'] if r['split'] == split]
+        # libmtmd lays the prompt out itself, and without splitting it still encodes a 1x1
+        # grid plus the global view (two frames where transformers has one).
+        if not split:
+            runs = [r for r in runs if r['path_info']['kind'] != 'mtmd']
+        assert len({r['prompt_tokens'] for r in runs}) == 1, split
+        assert len({r['image_tokens'] for r in runs
+                    if r['path_info']['kind'] != 'raw'}) == 1, split
+    off = next(r for r in doc['runs'] if not r['split'] and r['path'] == 'onnx-fp32')
+    on = next(r for r in doc['runs'] if r['split'] and r['path'] == 'onnx-fp32')
+    assert on['image_tokens'] > off['image_tokens'] > 0
+
+
+def test_overheads_are_reported(tiny_results):
+    _, doc, _ = tiny_results
+    assert {(o['gguf_type'], o['split']) for o in doc['decode_overhead']} >= {
+        (t, s) for t in ('f16', 'q8_0', 'q4_0') for s in (False, True)}
+    ros = doc['ros_overhead']
+    assert ros['status'] == 'ok', ros['error']
+    assert [c['name'] for c in ros['cases']] == [
+        'rgb8 640x480', 'rgb8 1920x1080', 'jpeg 640x480', 'jpeg 1920x1080']
+    for case in ros['cases']:
+        assert case['overhead_ms'] and case['round_trip_ms']['median'] > 0, case
+
+
+def test_markdown_and_chart(tiny_results):
+    out, doc, stderr = tiny_results
+    text = (out / 'tiny.md').read_text()
+    assert doc['command'] in text
+    for heading in ('## Hardware limits', '### image splitting off', '### image splitting on',
+                    '## ROS overhead', '## Our per-token overhead over raw llama.cpp'):
+        assert heading in text
+    if doc['artifacts']['chart']:
+        assert (out / 'tiny.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    else:
+        assert 'matplotlib' in doc['artifacts']['chart_skipped']
+        assert 'chart skipped' in stderr
+
+
+def test_schema_check_finds_problems(tiny_results):
+    _, doc, _ = tiny_results
+    broken = json.loads(json.dumps(doc))
+    del broken['runs'][0]['timings']['tpot_ms']
+    broken['hardware']['bandwidth']['memory_read_gbps'] = 'fast'
+    problems = schema.validate(broken)
+    assert any("missing 'tpot_ms'" in p for p in problems)
+    assert any('memory_read_gbps' in p for p in problems)
