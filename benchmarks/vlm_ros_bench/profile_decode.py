@@ -30,7 +30,7 @@ import time
 
 from vlm_ros_bench import common, models, paths
 
-DEFAULT_PATHS = ('onnx-fp32', 'onnx-vision+llamacpp-q8_0')
+DEFAULT_PATHS = ('onnx-fp32', 'onnx-int8-vision+llamacpp-q8_0')
 
 
 class _Timer:

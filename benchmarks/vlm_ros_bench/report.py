@@ -49,13 +49,25 @@ def run_record(manifest, path, case, settings, hardware):
         'threads': settings['threads'], 'new_tokens': settings['new_tokens'],
         'warmup': settings['warmup'], 'repetitions': len(reps),
         'prompt_tokens': first.get('prompt_tokens'), 'image_tokens': first.get('image_tokens'),
-        'load_ms': case.get('load_ms'), 'rss_after_load_mb': case.get('rss_after_load_mb'),
-        'peak_rss_mb': case.get('peak_rss_mb'), 'timings': timings, 'extra': extra,
-        'roofline': None, 'files': case.get('files') or {},
+        'load_ms': case.get('load_ms'), 'rss_start_mb': case.get('rss_start_mb'),
+        'rss_after_load_mb': case.get('rss_after_load_mb'),
+        'peak_rss_mb': case.get('peak_rss_mb'),
+        'model_files_mb': model_files_mb(manifest, case.get('files') or {}),
+        'timings': timings, 'extra': extra, 'roofline': None, 'files': case.get('files') or {},
     }
     if ok and hardware:
         record['roofline'] = roofline(manifest, path.describe(), record, hardware)
     return record
+
+
+def model_files_mb(manifest, files):
+    """Return the MiB of the model files a path loads (the unit of peak RSS)."""
+    weights = [v for k, v in files.items() if k.endswith('_model')] or ['model.safetensors']
+    total = 0
+    for rel in weights:
+        full = rel if os.path.isabs(rel) else os.path.join(manifest['model_dir'], rel)
+        total += os.path.getsize(full) if os.path.isfile(full) else 0
+    return total / (1024.0 * 1024.0)
 
 
 def decode_overhead(runs):
@@ -96,6 +108,10 @@ def _cell(stats, digits=1):
         return _fmt(stats['median'], digits)
     return (f'{_fmt(stats["median"], digits)} '
             f'({_fmt(stats["min"], digits)}–{_fmt(stats["max"], digits)})')
+
+
+def _ratio(value, base):
+    return '–' if value is None or not base else f'{value / base:.1f}x'
 
 
 def _pct(value):
@@ -156,11 +172,12 @@ def markdown(doc):
                       f'{ref["image_tokens"]} image tokens, {ref["prompt_tokens"]} prompt '
                       'tokens', '',
                       '| path | image / prompt tokens | preprocess ms | vision ms | prefill ms '
-                      '| TPOT ms | tokens/s | end-to-end ms | peak RSS MB |',
-                      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+                      '| TPOT ms | tokens/s | end-to-end ms | model files MiB | peak RSS MiB '
+                      '(x files) |',
+                      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
             for r in runs:
                 if r['status'] != 'ok':
-                    lines.append(f'| {r["path"]} | error: {r["error"]} ||||||||')
+                    lines.append(f'| {r["path"]} | error: {r["error"]} |||||||||')
                     continue
                 t = r['timings']
                 lines.append(
@@ -168,7 +185,8 @@ def markdown(doc):
                     f'{_cell(t["preprocess_ms"])} | {_cell(t["vision_ms"])} | '
                     f'{_cell(t["prefill_ms"])} | {_cell(t["tpot_ms"], 2)} | '
                     f'{_cell(t["tokens_per_s"])} | {_cell(t["e2e_ms"])} | '
-                    f'{_fmt(r["peak_rss_mb"], 0)} |')
+                    f'{_fmt(r["model_files_mb"], 0)} | {_fmt(r["peak_rss_mb"], 0)} '
+                    f'({_ratio(r["peak_rss_mb"], r["model_files_mb"])}) |')
             lines += ['', '| path | weights + KV read per token MB | TPOT bound ms | '
                       'bandwidth reached | achieved GB/s | vision GFLOP | vision % of peak | '
                       'prefill GFLOP | prefill % of peak |',
@@ -208,15 +226,19 @@ def markdown(doc):
     else:
         lines += [f'{ros["method"]}. Model: {ros["model"]} ({ros["new_tokens"]} new tokens); '
                   f'{ros["warmup"]} warm-up + {ros["repetitions"]} calls per image.', '',
-                  '| image | message bytes | round trip ms | engine total_ms | '
+                  'Transports: '
+                  + '; '.join(f'{t["name"]} ({os.path.basename(t["profile"])})' if t['profile']
+                              else t['name'] for t in ros.get('transports', [])) + '.', '',
+                  '| transport | image | message bytes | round trip ms | engine total_ms | '
                   'overhead ms | of which in-process: serialize + deserialize + to array ms |',
-                  '| --- | ---: | ---: | ---: | ---: | ---: |']
+                  '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
         for c in ros['cases']:
             local = c.get('in_process') or {}
             parts = [local.get(k) for k in ('serialize_ms', 'deserialize_ms', 'to_array_ms')]
             in_process = (' + '.join(f'{v:.2f}' for v in parts) if all(
                 v is not None for v in parts) else '–')
-            lines.append(f'| {c["name"]} | {c["message_bytes"]:,} | '
+            lines.append(f'| {c.get("transport", "–")} | {c["name"]} | '
+                         f'{c["message_bytes"]:,} | '
                          f'{_cell(c["round_trip_ms"])} | {_cell(c["engine_total_ms"])} | '
                          f'{_cell(c["overhead_ms"])} | {in_process} |')
         lines.append('')

@@ -9,8 +9,12 @@ transport over Fast DDS, the executor hand-offs, the node's queue, converting th
 to an array (JPEG decoding included for ``CompressedImage``) and the response's way back;
 preprocessing and inference are inside ``total_ms`` and excluded. The in-process share
 (serialize, deserialize, convert, measured here without DDS) is reported beside it.
+
+Each transport setting (Fast DDS's defaults, and the package's large-message profile)
+runs in a fresh process: Fast DDS reads its profiles file once per process.
 """
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,6 +29,54 @@ CASES = (
     ('jpeg 1920x1080', 'jpeg', 1920, 1080),
 )
 NODE_NAME = 'vlm_bench_node'
+# Fast DDS 3 (Jazzy, Kilted) reads the first, Fast DDS 2 (Humble) the second; setting both
+# on Fast DDS 3 loads the file twice and rejects the repeated transport id.
+PROFILE_VARS = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+
+
+def _profile_file():
+    from ament_index_python.packages import get_package_share_directory
+
+    path = os.path.join(get_package_share_directory('vlm_ros'), 'config',
+                        'fastdds_large_messages.xml')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} is not installed; build first (scripts/build.sh)')
+    return path
+
+
+def transports():
+    """Return (name, Fast DDS profiles file or None) of every setting to measure."""
+    return [('fastdds default', None), ('large-message profile', _profile_file())]
+
+
+def _measure_with_profile(profile, args, kwargs):
+    # Runs in a spawned process: the variables must be set before Fast DDS loads.
+    for var in PROFILE_VARS:
+        os.environ.pop(var, None)
+    if profile:
+        humble = os.environ.get('ROS_DISTRO') == 'humble'
+        os.environ[PROFILE_VARS[1] if humble else PROFILE_VARS[0]] = profile
+    return measure(*args, **kwargs)
+
+
+def measure_transports(model_dir, model_label, threads, reps, warmup, workdir, new_tokens=2):
+    """Measure every transport setting, each in its own process; return one dict."""
+    out = None
+    for name, profile in transports():
+        log_path = os.path.join(workdir, f'vlm_node-{name.replace(" ", "-")}.log')
+        with multiprocessing.get_context('spawn').Pool(1) as pool:
+            part = pool.apply(_measure_with_profile, (
+                profile, (model_dir, model_label, threads, reps, warmup, log_path),
+                {'new_tokens': new_tokens}))
+        for case in part['cases']:
+            case['transport'] = name
+        if out is None:
+            out = dict(part, cases=[], transports=[])
+        out['transports'].append({'name': name, 'profile': profile})
+        out['cases'] += part['cases']
+        if part['status'] != 'ok' and out['status'] == 'ok':
+            out.update(status=part['status'], error=f'{name}: {part["error"]}')
+    return out
 
 
 def _messages(kind, width, height):

@@ -36,7 +36,8 @@ def add_arguments(parser):
     parser.add_argument('--paths', default='',
                         help='comma-separated path names (default: all): '
                              + ', '.join(p.name for p in paths.PATHS))
-    parser.add_argument('--splits', default='off,on', help='image splitting: off, on or both')
+    parser.add_argument('--splits', default='off,on',
+                        help='image splitting: off, on or both (off,on)')
     parser.add_argument('--reps', type=int, default=None, help='measured repetitions (5)')
     parser.add_argument('--warmup', type=int, default=None, help='warm-up runs (1)')
     parser.add_argument('--new-tokens', type=int, default=64)
@@ -64,11 +65,12 @@ def _settings(args):
     threads = args.threads or os.cpu_count() or 1
     tiny = args.tiny
     splits = []
-    for word in args.splits.split(','):
-        word = word.strip().lower()
+    words = args.splits.lower().replace('both', 'off,on').split(',')
+    for word in (w.strip() for w in words):
         if word not in ('off', 'on'):
-            raise SystemExit(f'--splits takes off and/or on, got {word!r}')
-        splits.append(word == 'on')
+            raise SystemExit(f'--splits takes off, on, off,on or both, got {word!r}')
+        if (word == 'on') not in splits:
+            splits.append(word == 'on')
     return {
         'threads': threads,
         'new_tokens': args.new_tokens if not tiny or args.new_tokens != 64 else 16,
@@ -201,8 +203,12 @@ def _ros(settings, args, workdir):
                 'cases': []}
     reps = args.ros_reps or (2 if args.tiny else 20)
     _log(f'ROS overhead: vlm_node on {label}, {reps} calls per image')
-    return ros_overhead.measure(model_dir, label, settings['threads'], reps,
-                                1 if args.tiny else 3, os.path.join(workdir, 'vlm_node.log'))
+    try:
+        return ros_overhead.measure_transports(model_dir, label, settings['threads'], reps,
+                                               1 if args.tiny else 3, workdir)
+    except Exception as exc:  # noqa: B902 -- reported in the results, the run goes on
+        return {'status': 'error', 'error': f'{type(exc).__name__}: {exc}', 'model': label,
+                'cases': []}
 
 
 def _write(doc):

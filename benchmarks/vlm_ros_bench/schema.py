@@ -52,7 +52,8 @@ RUN = {
                   'onnx_variant': opt(str), 'gguf_type': opt(str)},
     'threads': int, 'new_tokens': int, 'warmup': int, 'repetitions': int,
     'prompt_tokens': opt(int), 'image_tokens': opt(int), 'load_ms': opt(NUM),
-    'rss_after_load_mb': opt(NUM), 'peak_rss_mb': opt(NUM),
+    'rss_start_mb': opt(NUM), 'rss_after_load_mb': opt(NUM), 'peak_rss_mb': opt(NUM),
+    'model_files_mb': NUM,
     'timings': {name: opt(STATS) for name in TIMING_NAMES},
     'extra': dict, 'roofline': opt(ROOFLINE), 'files': dict,
 }
@@ -83,7 +84,7 @@ HARDWARE = {
 ROS_CASE = {'name': str, 'encoding': str, 'width': int, 'height': int, 'message_bytes': int,
             'in_process': {'serialize_ms': NUM, 'deserialize_ms': NUM, 'to_array_ms': NUM},
             'round_trip_ms': opt(STATS), 'engine_total_ms': opt(STATS),
-            'overhead_ms': opt(STATS), 'errors': list}
+            'overhead_ms': opt(STATS), 'errors': list, 'transport': str}
 ROS = {'status': str, 'error': opt(str), 'model': opt(str), 'cases': ListOf(ROS_CASE)}
 OVERHEAD = {'model': str, 'split': bool, 'gguf_type': str, 'path': str, 'pipeline_tpot_ms': NUM,
             'raw_tpot_ms': NUM, 'overhead_ms_per_token': NUM, 'overhead_fraction': NUM}

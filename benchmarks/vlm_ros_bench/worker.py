@@ -276,8 +276,8 @@ def run_spec(spec):
     cases = []
     for case in spec['cases']:
         out = {'split': bool(case['split']), 'status': 'ok', 'error': None, 'reps': [],
-               'warmup_reps': [], 'load_ms': None, 'rss_after_load_mb': None,
-               'peak_rss_mb': None, 'files': case['files']}
+               'warmup_reps': [], 'load_ms': None, 'rss_start_mb': common.rss_mb(),
+               'rss_after_load_mb': None, 'peak_rss_mb': None, 'files': case['files']}
         try:
             runner.prepare(case)
             out['load_ms'] = runner.load_ms

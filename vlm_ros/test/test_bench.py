@@ -62,6 +62,7 @@ def test_every_path_and_split_ran(tiny_results):
         raw = r['path_info']['kind'] == 'raw'
         assert (t['vision_ms'] is None) == raw and (t['preprocess_ms'] is None) == raw, where
         assert r['peak_rss_mb'] > 0 and r['prompt_tokens'] > 0
+        assert r['model_files_mb'] > 0 and 0 < r['rss_start_mb'] < r['peak_rss_mb'], where
         roof = r['roofline']
         assert roof['decode_bytes_per_token'] > 0 and roof['tpot_bound_ms'] > 0, where
         assert roof['bandwidth_fraction'] > 0 and roof['prefill_gflop'] > 0, where
@@ -90,8 +91,10 @@ def test_overheads_are_reported(tiny_results):
         (t, s) for t in ('f16', 'q8_0', 'q4_0') for s in (False, True)}
     ros = doc['ros_overhead']
     assert ros['status'] == 'ok', ros['error']
-    assert [c['name'] for c in ros['cases']] == [
-        'rgb8 640x480', 'rgb8 1920x1080', 'jpeg 640x480', 'jpeg 1920x1080']
+    names = ['rgb8 640x480', 'rgb8 1920x1080', 'jpeg 640x480', 'jpeg 1920x1080']
+    assert [(c['transport'], c['name']) for c in ros['cases']] == [
+        (t, n) for t in ('fastdds default', 'large-message profile') for n in names]
+    assert ros['transports'][1]['profile'].endswith('fastdds_large_messages.xml')
     for case in ros['cases']:
         assert case['overhead_ms'] and case['round_trip_ms']['median'] > 0, case
 
