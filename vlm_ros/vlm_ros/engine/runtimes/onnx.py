@@ -40,8 +40,14 @@ class SessionOptions:
         self.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
         self.providers = list(providers) if providers else ['CPUExecutionProvider']
 
-    def create(self, path):
-        """Open ``path`` as an InferenceSession, with a clear error when it cannot be."""
+    def create(self, path, mem_pattern: bool = True):
+        """
+        Open ``path`` as an InferenceSession, with a clear error when it cannot be.
+
+        ``mem_pattern`` False keeps ONNX Runtime from planning one block for all activations
+        after the first run: for a graph run again and again at one shape (the vision
+        encoder) that block comes on top of what its arena already holds from the first run.
+        """
         ort = _ort()
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -51,6 +57,7 @@ class SessionOptions:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        options.enable_mem_pattern = mem_pattern
         available = set(ort.get_available_providers())
         providers = [p for p in self.providers if p in available] or ['CPUExecutionProvider']
         try:
@@ -101,7 +108,7 @@ class OnnxVisionEncoder:
     def __init__(self, path, options: SessionOptions, hidden_size: int,
                  frames_per_run: int = 1):
         self.frames_per_run = max(1, frames_per_run)
-        self.session = options.create(path)
+        self.session = options.create(path, mem_pattern=False)
         self.io = GraphIO(self.session, path)
         if not self.io.inputs:
             raise UnsupportedModelError(f'{path} has no inputs')
