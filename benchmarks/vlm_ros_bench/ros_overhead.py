@@ -11,13 +11,15 @@ preprocessing and inference are inside ``total_ms`` and excluded. The in-process
 (serialize, deserialize, convert, measured here without DDS) is reported beside it.
 
 Each transport setting (Fast DDS's defaults, and the package's large-message profile)
-runs in a fresh process: Fast DDS reads its profiles file once per process.
+runs in a fresh process (``python -m vlm_ros_bench.ros_overhead SPEC OUT``): Fast DDS reads
+its profiles file once per process.
 """
 
-import multiprocessing
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from vlm_ros_bench import common
@@ -49,25 +51,38 @@ def transports():
     return [('fastdds default', None), ('large-message profile', _profile_file())]
 
 
-def _measure_with_profile(profile, args, kwargs):
-    # Runs in a spawned process: the variables must be set before Fast DDS loads.
-    for var in PROFILE_VARS:
-        os.environ.pop(var, None)
+def _transport_env(profile):
+    env = {k: v for k, v in os.environ.items() if k not in PROFILE_VARS}
     if profile:
-        humble = os.environ.get('ROS_DISTRO') == 'humble'
-        os.environ[PROFILE_VARS[1] if humble else PROFILE_VARS[0]] = profile
-    return measure(*args, **kwargs)
+        env[PROFILE_VARS[1] if env.get('ROS_DISTRO') == 'humble' else PROFILE_VARS[0]] = profile
+    return env
 
 
 def measure_transports(model_dir, model_label, threads, reps, warmup, workdir, new_tokens=2):
     """Measure every transport setting, each in its own process; return one dict."""
     out = None
     for name, profile in transports():
-        log_path = os.path.join(workdir, f'vlm_node-{name.replace(" ", "-")}.log')
-        with multiprocessing.get_context('spawn').Pool(1) as pool:
-            part = pool.apply(_measure_with_profile, (
-                profile, (model_dir, model_label, threads, reps, warmup, log_path),
-                {'new_tokens': new_tokens}))
+        stem = os.path.join(workdir, f'ros-{name.replace(" ", "-")}')
+        spec = {'model_dir': model_dir, 'model_label': model_label, 'threads': threads,
+                'reps': reps, 'warmup': warmup, 'log_path': stem + '-vlm_node.log',
+                'new_tokens': new_tokens}
+        with open(stem + '-spec.json', 'w', encoding='utf-8') as f:
+            json.dump(spec, f)
+        timeout = 300 + 120 * len(CASES) * (reps + warmup)
+        try:
+            run = subprocess.run([sys.executable, '-m', 'vlm_ros_bench.ros_overhead',
+                                  stem + '-spec.json', stem + '-out.json'],
+                                 env=_transport_env(profile), capture_output=True, text=True,
+                                 timeout=timeout)
+            failure = None if run.returncode == 0 else \
+                f'exit code {run.returncode}: {run.stderr[-1500:]}'
+        except subprocess.TimeoutExpired:
+            failure = f'timed out after {timeout} s'
+        if failure is None:
+            with open(stem + '-out.json', encoding='utf-8') as f:
+                part = json.load(f)
+        else:
+            part = {'status': 'error', 'error': failure, 'model': model_label, 'cases': []}
         for case in part['cases']:
             case['transport'] = name
         if out is None:
@@ -242,3 +257,22 @@ def measure(model_dir, model_label, threads, reps, warmup, log_path, new_tokens=
                 proc.wait()
         log.close()
     return out
+
+
+def main(argv=None):
+    """Measure one transport setting (the environment's): SPEC.json OUT.json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print('usage: python -m vlm_ros_bench.ros_overhead SPEC.json OUT.json', file=sys.stderr)
+        return 2
+    with open(argv[0], encoding='utf-8') as f:
+        spec = json.load(f)
+    result = measure(spec['model_dir'], spec['model_label'], spec['threads'], spec['reps'],
+                     spec['warmup'], spec['log_path'], new_tokens=spec['new_tokens'])
+    with open(argv[1], 'w', encoding='utf-8') as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
