@@ -62,13 +62,18 @@ def image_seq_len(variant):
 
 def make_config(variant, ids):
     """Return a ``SmolVLMConfig`` for ``variant`` given the tokenizer's special ids."""
-    from transformers import SmolVLMConfig
-
     spec = variant_spec(variant)
     vision = spec['vision']
     side = vision['image_size'] // vision['patch_size']
     if side % spec['scale_factor']:
         raise ValueError('patches per side must be divisible by scale_factor')
+    return config_from_spec(spec, ids)
+
+
+def config_from_spec(spec, ids):
+    """Return a ``SmolVLMConfig`` with ``spec``'s shapes and the tokenizer's special ids."""
+    from transformers import SmolVLMConfig
+
     text = dict(spec['text'])
     rope_theta = text.pop('rope_theta')
     text.update({
@@ -83,7 +88,7 @@ def make_config(variant, ids):
         'tie_word_embeddings': spec['tie_word_embeddings'],
     })
     return SmolVLMConfig(
-        vision_config=dict(vision),
+        vision_config=dict(spec['vision']),
         text_config=text,
         scale_factor=spec['scale_factor'],
         image_token_id=ids['image_token_id'],
@@ -117,9 +122,14 @@ def preprocessor_config(variant):
     """Return the hub-style ``preprocessor_config.json`` dict."""
     spec = variant_spec(variant)
     tile = spec['vision']['image_size']
+    return image_processor_config(tile, spec['tiles_per_edge'], do_image_splitting=True)
+
+
+def image_processor_config(tile, tiles_per_edge, do_image_splitting):
+    """Return a SmolVLM ``preprocessor_config.json`` dict for ``tile``-sized tiles."""
     return {
         'do_convert_rgb': True,
-        'do_image_splitting': True,
+        'do_image_splitting': do_image_splitting,
         'do_normalize': True,
         'do_pad': True,
         'do_rescale': True,
@@ -131,14 +141,13 @@ def preprocessor_config(variant):
         'processor_class': 'SmolVLMProcessor',
         'resample': 1,
         'rescale_factor': 1.0 / 255.0,
-        'size': {'longest_edge': spec['tiles_per_edge'] * tile},
+        'size': {'longest_edge': tiles_per_edge * tile},
         'video_sampling': {'fps': 1, 'max_frames': 64, 'video_size': {'longest_edge': tile}},
     }
 
 
-def _hubify_config(path, variant):
+def hubify_config(path, tiles_per_edge):
     """Rewrite config.json with the keys the hub configs carry (legacy names included)."""
-    spec = variant_spec(variant)
     with open(path, encoding='utf-8') as f:
         cfg = json.load(f)
     if '_pad_token_id' in cfg:
@@ -149,11 +158,9 @@ def _hubify_config(path, variant):
     vision = cfg['vision_config']
     tile = vision['image_size']
     vision['max_image_size'] = {'longest_edge': tile}
-    vision['size'] = {'longest_edge': spec['tiles_per_edge'] * tile}
+    vision['size'] = {'longest_edge': tiles_per_edge * tile}
     cfg['vocab_size'] = text['vocab_size']
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write('\n')
+    _write_json(path, cfg)
 
 
 def _write_json(path, data):
@@ -199,7 +206,7 @@ def build_tiny_smolvlm(out_dir, variant='a', seed=0):
     )
     with quiet_transformers():
         model.save_pretrained(out_dir)
-    _hubify_config(os.path.join(out_dir, 'config.json'), variant)
+    hubify_config(os.path.join(out_dir, 'config.json'), variant_spec(variant)['tiles_per_edge'])
     _write_json(os.path.join(out_dir, 'preprocessor_config.json'), preprocessor_config(variant))
     _write_json(os.path.join(out_dir, 'processor_config.json'),
                 {'image_seq_len': image_seq_len(variant), 'processor_class': 'SmolVLMProcessor'})

@@ -83,8 +83,8 @@ def _added_tokens():
     return tokens
 
 
-def build_tiny_tokenizer(base_vocab_size=BASE_VOCAB_SIZE):
-    """Train and return the tiny SmolVLM-style ``tokenizers.Tokenizer``."""
+def build_tiny_tokenizer(base_vocab_size=BASE_VOCAB_SIZE, lines=None):
+    """Train and return the tiny SmolVLM-style ``tokenizers.Tokenizer`` (on ``lines``)."""
     tokenizer = Tokenizer(models.BPE(fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -100,7 +100,8 @@ def build_tiny_tokenizer(base_vocab_size=BASE_VOCAB_SIZE):
                         for t in BASE_SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    lines = [line for line in TRAINING_TEXT.splitlines() if line]
+    if lines is None:
+        lines = [line for line in TRAINING_TEXT.splitlines() if line]
     tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in _added_tokens()])

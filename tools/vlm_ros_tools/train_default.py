@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from . import scenes, tiny_tokenizer
+from . import scenes, smolvlm_factory, tiny_tokenizer
 
 TILE = 96
 # Shapes of the model (SmolVLMConfig vision_config / text_config).
@@ -64,35 +64,9 @@ KEEP = ('MODEL_CARD.md',)
 
 # Tokenizer and configs -------------------------------------------------------------------
 
-def build_tokenizer(lines, base_vocab_size=BASE_VOCAB_SIZE):
-    """Train tiny_tokenizer's SmolVLM-style byte-level BPE on ``lines``."""
-    from tokenizers import (AddedToken, decoders, models, pre_tokenizers, processors,
-                            Tokenizer, trainers)
-
-    tokenizer = Tokenizer(models.BPE(fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=base_vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[AddedToken(t, special=True, normalized=False)
-                        for t in tiny_tokenizer.BASE_SPECIAL_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in tiny_tokenizer._added_tokens()])
-    return tokenizer
-
-
 def write_tokenizer(out_dir, seed=0):
     """Write the tokenizer files trained on the scene text; return the special ids."""
-    tokenizer = build_tokenizer(scenes.corpus_lines(seed))
+    tokenizer = tiny_tokenizer.build_tiny_tokenizer(BASE_VOCAB_SIZE, scenes.corpus_lines(seed))
     tokenizer.save(os.path.join(out_dir, 'tokenizer.json'))
     _write_json(os.path.join(out_dir, 'tokenizer_config.json'),
                 tiny_tokenizer.tokenizer_config(tokenizer))
@@ -111,51 +85,12 @@ def image_seq_len():
 
 def make_config(ids):
     """Return the ``SmolVLMConfig`` of the model given the tokenizer's special ids."""
-    from transformers import SmolVLMConfig
-
-    text = dict(SPEC['text'])
-    rope_theta = text.pop('rope_theta')
-    text.update({
-        'model_type': 'llama',
-        'vocab_size': ids['vocab_size'],
-        'max_position_embeddings': 8192,
-        'rms_norm_eps': 1e-5,
-        'rope_parameters': {'rope_type': 'default', 'rope_theta': rope_theta},
-        'pad_token_id': ids['pad_token_id'],
-        'bos_token_id': ids['bos_token_id'],
-        'eos_token_id': ids['eos_token_id'],
-        'tie_word_embeddings': SPEC['tie_word_embeddings'],
-    })
-    return SmolVLMConfig(
-        vision_config=dict(SPEC['vision']),
-        text_config=text,
-        scale_factor=SPEC['scale_factor'],
-        image_token_id=ids['image_token_id'],
-        tie_word_embeddings=SPEC['tie_word_embeddings'],
-        pad_token_id=ids['pad_token_id'],
-        use_cache=True,
-    )
+    return smolvlm_factory.config_from_spec(SPEC, ids)
 
 
 def preprocessor_config():
     """Return ``preprocessor_config.json``: one tile per image, no splitting."""
-    return {
-        'do_convert_rgb': True,
-        'do_image_splitting': False,
-        'do_normalize': True,
-        'do_pad': True,
-        'do_rescale': True,
-        'do_resize': True,
-        'image_mean': [0.5, 0.5, 0.5],
-        'image_processor_type': 'SmolVLMImageProcessor',
-        'image_std': [0.5, 0.5, 0.5],
-        'max_image_size': {'longest_edge': TILE},
-        'processor_class': 'SmolVLMProcessor',
-        'resample': 1,
-        'rescale_factor': 1.0 / 255.0,
-        'size': {'longest_edge': TILE},
-        'video_sampling': {'fps': 1, 'max_frames': 64, 'video_size': {'longest_edge': TILE}},
-    }
+    return smolvlm_factory.image_processor_config(TILE, 1, do_image_splitting=False)
 
 
 def _write_json(path, data):
@@ -165,36 +100,18 @@ def _write_json(path, data):
         f.write('\n')
 
 
-def _hubify_config(path):
-    """Rewrite config.json with the keys the hub configs carry (legacy names included)."""
-    with open(path, encoding='utf-8') as f:
-        cfg = json.load(f)
-    if '_pad_token_id' in cfg:
-        cfg['pad_token_id'] = cfg.pop('_pad_token_id')
-    cfg['torch_dtype'] = cfg.get('dtype', 'float32')
-    text = cfg['text_config']
-    text['rope_theta'] = text['rope_parameters']['rope_theta']
-    vision = cfg['vision_config']
-    vision['max_image_size'] = {'longest_edge': TILE}
-    vision['size'] = {'longest_edge': TILE}
-    cfg['vocab_size'] = text['vocab_size']
-    _write_json(path, cfg)
-
-
 def save_checkpoint(model, ids, out_dir):
     """Save weights and every config file of the hub layout into ``out_dir``."""
     from transformers import GenerationConfig
-
-    from .smolvlm_factory import quiet_transformers
 
     model.generation_config = GenerationConfig(
         bos_token_id=ids['bos_token_id'],
         eos_token_id=[ids['im_end_token_id'], ids['eos_token_id']],
         pad_token_id=ids['pad_token_id'],
     )
-    with quiet_transformers():
+    with smolvlm_factory.quiet_transformers():
         model.save_pretrained(out_dir)
-    _hubify_config(os.path.join(out_dir, 'config.json'))
+    smolvlm_factory.hubify_config(os.path.join(out_dir, 'config.json'), 1)
     _write_json(os.path.join(out_dir, 'preprocessor_config.json'), preprocessor_config())
     _write_json(os.path.join(out_dir, 'processor_config.json'),
                 {'image_seq_len': image_seq_len(), 'processor_class': 'SmolVLMProcessor'})
