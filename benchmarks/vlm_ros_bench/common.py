@@ -1,8 +1,10 @@
 """Shared inputs and helpers: the fixed image and prompt, statistics, process memory."""
 
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 
 PROMPT = 'Describe the image. What is the robot doing on the table?'
@@ -88,3 +90,44 @@ def child_env(threads=None):
         for name in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
             env[name] = str(threads)
     return env
+
+
+def run_child(module, spec, stem, env, timeout, label):
+    """
+    Run ``python -m module STEM.spec.json STEM.out.json`` with its output in ``STEM.log``.
+
+    Returns (result, None), or (None, the failure with the log's tail).
+    """
+    spec_path, out_path, log_path = stem + '.spec.json', stem + '.out.json', stem + '.log'
+    with open(spec_path, 'w', encoding='utf-8') as f:
+        json.dump(spec, f, indent=1)
+    failure = None
+    with open(log_path, 'w') as log:
+        try:
+            proc = subprocess.run([sys.executable, '-m', module, spec_path, out_path],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  timeout=timeout)
+            if proc.returncode != 0:
+                failure = f'{label} exited with code {proc.returncode}'
+        except subprocess.TimeoutExpired:
+            failure = f'{label} timed out after {timeout:.0f} s'
+    if failure is None and os.path.isfile(out_path):
+        with open(out_path, encoding='utf-8') as f:
+            return json.load(f), None
+    with open(log_path, encoding='utf-8', errors='replace') as f:
+        tail = f.read()[-1500:]
+    return None, f'{failure or label + " wrote no result"}: {tail}'
+
+
+def spec_main(argv, module, run):
+    """Serve as the child side of ``run_child``: read SPEC.json, ``run(spec)``, write OUT."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print(f'usage: python -m {module} SPEC.json OUT.json', file=sys.stderr)
+        return 2
+    with open(argv[0], encoding='utf-8') as f:
+        spec = json.load(f)
+    result = run(spec)
+    with open(argv[1], 'w', encoding='utf-8') as f:
+        json.dump(result, f, indent=1)
+    return 0

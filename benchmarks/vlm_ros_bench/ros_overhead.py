@@ -15,11 +15,9 @@ runs in a fresh process (``python -m vlm_ros_bench.ros_overhead SPEC OUT``): Fas
 its profiles file once per process.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from vlm_ros_bench import common
@@ -66,22 +64,11 @@ def measure_transports(model_dir, model_label, threads, reps, warmup, workdir, n
         spec = {'model_dir': model_dir, 'model_label': model_label, 'threads': threads,
                 'reps': reps, 'warmup': warmup, 'log_path': stem + '-vlm_node.log',
                 'new_tokens': new_tokens}
-        with open(stem + '-spec.json', 'w', encoding='utf-8') as f:
-            json.dump(spec, f)
-        timeout = 300 + 120 * len(CASES) * (reps + warmup)
-        try:
-            run = subprocess.run([sys.executable, '-m', 'vlm_ros_bench.ros_overhead',
-                                  stem + '-spec.json', stem + '-out.json'],
-                                 env=_transport_env(profile), capture_output=True, text=True,
-                                 timeout=timeout)
-            failure = None if run.returncode == 0 else \
-                f'exit code {run.returncode}: {run.stderr[-1500:]}'
-        except subprocess.TimeoutExpired:
-            failure = f'timed out after {timeout} s'
-        if failure is None:
-            with open(stem + '-out.json', encoding='utf-8') as f:
-                part = json.load(f)
-        else:
+        part, failure = common.run_child('vlm_ros_bench.ros_overhead', spec, stem,
+                                         _transport_env(profile),
+                                         300 + 120 * len(CASES) * (reps + warmup),
+                                         'ros overhead process')
+        if part is None:
             part = {'status': 'error', 'error': failure, 'model': model_label, 'cases': []}
         for case in part['cases']:
             case['transport'] = name
@@ -259,19 +246,14 @@ def measure(model_dir, model_label, threads, reps, warmup, log_path, new_tokens=
     return out
 
 
+def _measure_spec(spec):
+    return measure(spec['model_dir'], spec['model_label'], spec['threads'], spec['reps'],
+                   spec['warmup'], spec['log_path'], new_tokens=spec['new_tokens'])
+
+
 def main(argv=None):
     """Measure one transport setting (the environment's): SPEC.json OUT.json."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print('usage: python -m vlm_ros_bench.ros_overhead SPEC.json OUT.json', file=sys.stderr)
-        return 2
-    with open(argv[0], encoding='utf-8') as f:
-        spec = json.load(f)
-    result = measure(spec['model_dir'], spec['model_label'], spec['threads'], spec['reps'],
-                     spec['warmup'], spec['log_path'], new_tokens=spec['new_tokens'])
-    with open(argv[1], 'w', encoding='utf-8') as f:
-        json.dump(result, f, indent=1)
-    return 0
+    return common.spec_main(argv, 'vlm_ros_bench.ros_overhead', _measure_spec)
 
 
 if __name__ == '__main__':

@@ -129,28 +129,11 @@ def _prompt_lengths(manifest, settings):
 
 def _run_worker(spec, workdir, timeout, threads):
     tag = f'{spec["model_name"]}-{spec["path"]["name"]}-{len(os.listdir(workdir))}'
-    spec_path = os.path.join(workdir, f'{tag}.spec.json')
-    out_path = os.path.join(workdir, f'{tag}.out.json')
-    log_path = os.path.join(workdir, f'{tag}.log')
-    with open(spec_path, 'w', encoding='utf-8') as f:
-        json.dump(spec, f, indent=1)
-    failure = None
-    with open(log_path, 'w') as log:
-        try:
-            proc = subprocess.run([sys.executable, '-m', 'vlm_ros_bench.worker', spec_path,
-                                   out_path], stdout=log, stderr=subprocess.STDOUT,
-                                  env=common.child_env(threads), timeout=timeout)
-            if proc.returncode != 0:
-                failure = f'worker exited with code {proc.returncode}'
-        except subprocess.TimeoutExpired:
-            failure = f'worker timed out after {timeout:.0f} s'
-    if failure is None and os.path.isfile(out_path):
-        with open(out_path, encoding='utf-8') as f:
-            return json.load(f)
-    with open(log_path, encoding='utf-8', errors='replace') as f:
-        tail = f.read()[-1500:]
-    failure = failure or 'worker wrote no result'
-    return {'cases': [{'split': c['split'], 'status': 'error', 'error': f'{failure}: {tail}',
+    result, failure = common.run_child('vlm_ros_bench.worker', spec, os.path.join(workdir, tag),
+                                       common.child_env(threads), timeout, 'worker')
+    if result is not None:
+        return result
+    return {'cases': [{'split': c['split'], 'status': 'error', 'error': failure,
                        'reps': [], 'files': c['files']} for c in spec['cases']]}
 
 

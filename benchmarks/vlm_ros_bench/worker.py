@@ -8,7 +8,6 @@ with their files); the output holds per-repetition timings of every case. Heavy 
 happen inside the path's own function: an ONNX Runtime worker never loads torch.
 """
 
-import json
 import math
 import sys
 import time
@@ -299,16 +298,7 @@ def run_spec(spec):
 
 def main(argv=None):
     """Read a spec file, run it, write the result file."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print('usage: python -m vlm_ros_bench.worker SPEC.json OUT.json', file=sys.stderr)
-        return 2
-    with open(argv[0], encoding='utf-8') as f:
-        spec = json.load(f)
-    result = run_spec(spec)
-    with open(argv[1], 'w', encoding='utf-8') as f:
-        json.dump(result, f, indent=1)
-    return 0
+    return common.spec_main(argv, 'vlm_ros_bench.worker', run_spec)
 
 
 if __name__ == '__main__':
