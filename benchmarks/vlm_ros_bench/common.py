@@ -70,6 +70,20 @@ def peak_rss_mb():
     return peak / 1024.0 if sys.platform != 'darwin' else peak / (1024.0 * 1024.0)
 
 
+def reset_peak_rss():
+    """
+    Restart this process's peak-RSS count from its current RSS, so each case reports its own.
+
+    Linux only (writing 5 to ``/proc/self/clear_refs``); elsewhere the peak keeps counting
+    from process start, which overstates the later cases of a worker.
+    """
+    try:
+        with open('/proc/self/clear_refs', 'w', encoding='ascii') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
 def rss_mb():
     """Return the current resident set size of this process, in MiB."""
     import psutil

@@ -274,6 +274,7 @@ def run_spec(spec):
     runner = RUNNERS[spec['path']['kind']](spec)
     cases = []
     for case in spec['cases']:
+        common.reset_peak_rss()
         out = {'split': bool(case['split']), 'status': 'ok', 'error': None, 'reps': [],
                'warmup_reps': [], 'load_ms': None, 'rss_start_mb': common.rss_mb(),
                'rss_after_load_mb': None, 'peak_rss_mb': None, 'files': case['files']}

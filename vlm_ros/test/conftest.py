@@ -116,39 +116,54 @@ class RosClient:
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = MultiThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
+        self._clients = {}
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
 
-    def call(self, srv_type, name, request, timeout=30.0):
-        """Call a service, waiting for it to appear first; returns the response."""
-        client = self.node.create_client(srv_type, name)
-        try:
+    def client(self, srv_type, name, slot=0, timeout=30.0):
+        """Return this node's client number ``slot`` for service ``name``, once it is served."""
+        client = self._clients.get((name, slot))
+        if client is None:
+            client = self.node.create_client(srv_type, name)
+            self._clients[(name, slot)] = client
             assert client.wait_for_service(timeout_sec=timeout), f'no service {name}'
+            # wait_for_service only says the server's request reader matched ours; a reply
+            # sent before the server has matched our response reader is lost. Let discovery
+            # settle once per client, which is why clients are kept rather than made per call.
+            time.sleep(0.3)
+        assert client.wait_for_service(timeout_sec=timeout), f'no service {name}'
+        return client
+
+    def call(self, srv_type, name, request, timeout=30.0, resend_every=None):
+        """
+        Call a service, waiting for it to appear first; returns the response.
+
+        ``resend_every`` (seconds) resends an unanswered request: only for idempotent services,
+        to ride over a reply lost while a restarted server rediscovers this client.
+        """
+        client = self.client(srv_type, name, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
             future = client.call_async(request)
-            deadline = time.monotonic() + timeout
-            while not future.done() and time.monotonic() < deadline:
+            resend_at = time.monotonic() + (resend_every or timeout)
+            while not future.done() and time.monotonic() < min(deadline, resend_at):
                 time.sleep(0.01)
-            assert future.done(), f'{name} did not answer within {timeout} s'
-            return future.result()
-        finally:
-            self.node.destroy_client(client)
+            if future.done() or time.monotonic() >= deadline:
+                break
+            client.remove_pending_request(future)
+        assert future.done(), f'{name} did not answer within {timeout} s'
+        return future.result()
 
     def call_together(self, srv_type, name, requests, timeout=120.0):
         """Send every request at once, each from its own client; return the responses."""
-        clients = [self.node.create_client(srv_type, name) for _ in requests]
-        try:
-            for client in clients:
-                assert client.wait_for_service(timeout_sec=timeout), f'no service {name}'
-            futures = [c.call_async(r)
-                       for c, r in zip(clients, requests, strict=True)]
-            deadline = time.monotonic() + timeout
-            while not all(f.done() for f in futures) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert all(f.done() for f in futures), f'{name}: some calls were never answered'
-            return [f.result() for f in futures]
-        finally:
-            for client in clients:
-                self.node.destroy_client(client)
+        clients = [self.client(srv_type, name, slot=i + 1, timeout=timeout)
+                   for i in range(len(requests))]
+        futures = [c.call_async(r) for c, r in zip(clients, requests, strict=True)]
+        deadline = time.monotonic() + timeout
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(f.done() for f in futures), f'{name}: some calls were never answered'
+        return [f.result() for f in futures]
 
     def close(self):
         import rclpy

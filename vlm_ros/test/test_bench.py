@@ -62,7 +62,7 @@ def test_every_path_and_split_ran(tiny_results):
         raw = r['path_info']['kind'] == 'raw'
         assert (t['vision_ms'] is None) == raw and (t['preprocess_ms'] is None) == raw, where
         assert r['peak_rss_mb'] > 0 and r['prompt_tokens'] > 0
-        assert r['model_files_mb'] > 0 and 0 < r['rss_start_mb'] < r['peak_rss_mb'], where
+        assert r['model_files_mb'] > 0 and 0 < r['rss_start_mb'] <= r['peak_rss_mb'], where
         roof = r['roofline']
         assert roof['decode_bytes_per_token'] > 0 and roof['tpot_bound_ms'] > 0, where
         assert roof['bandwidth_fraction'] > 0 and roof['prefill_gflop'] > 0, where

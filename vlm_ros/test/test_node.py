@@ -72,7 +72,8 @@ def change_state(client, node, transition):
 
 
 def get_state(client, node='vlm_node'):
-    return client.call(GetState, f'/{node}/get_state', GetState.Request()).current_state.label
+    response = client.call(GetState, f'/{node}/get_state', GetState.Request(), resend_every=5.0)
+    return response.current_state.label
 
 
 def wait_active(client, node='vlm_node', timeout=60):
@@ -225,29 +226,28 @@ def test_feed_type_1_answers_on_the_latest_frame(node_process, ros_client, model
     assert detail.header.stamp.sec == 42 and detail.header.frame_id == 'camera'
     assert detail.prompt == PROMPT and detail.completion_tokens > 0 and detail.total_ms > 0
 
-    # A burst of 100 frames neither queues, grows memory, nor slows the next answer.
+    # A burst of 100 frames queues no work and grows no memory: the next prompt is answered
+    # once, on the newest frame (its stamp comes back), and frames alone publish nothing.
     proc = psutil.Process(node.proc.pid)
-    start = time.monotonic()
-    prompt_pub.publish(String(data=PROMPT))
-    assert results.wait(2)
-    first_latency = time.monotonic() - start
     for i in range(100):
         image_pub.publish(image_msg(frame(100 + i)))
+    time.sleep(0.3)  # best-effort camera QoS: the newest frame must not be dropped in the burst
     last = frame(500)
-    image_pub.publish(image_msg(last))
+    last_msg = image_msg(last)
+    last_msg.header.stamp.sec = 77
+    image_pub.publish(last_msg)
     time.sleep(0.5)
     rss_after_burst = proc.memory_info().rss
-    start = time.monotonic()
     prompt_pub.publish(String(data=PROMPT))
-    assert results.wait(3)
-    burst_latency = time.monotonic() - start
-    assert results.messages[2].data == pipe.generate(last, PROMPT).text
-    assert burst_latency < first_latency * 3 + 0.5
+    assert results.wait(2) and details.wait(2)
+    assert results.messages[1].data == pipe.generate(last, PROMPT).text
+    assert details.messages[1].header.stamp.sec == 77
     for i in range(100):
         image_pub.publish(image_msg(frame(700 + i)))
     time.sleep(0.5)
     growth = proc.memory_info().rss - rss_after_burst
     assert growth < 10 * 1024 * 1024, f'RSS grew {growth / 1e6:.1f} MB over 100 frames'
+    assert len(results.messages) == 2 and len(details.messages) == 2
 
 
 def test_compressed_frames_are_used(node_process, ros_client, model_dir, pipe):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ros
 
 def get_params(ros_client, names, node='/vlm_node'):
     response = ros_client.call(GetParameters, f'{node}/get_parameters',
-                               GetParameters.Request(names=names))
+                               GetParameters.Request(names=names), resend_every=5.0)
     return response.values
 
 
@@ -49,7 +49,8 @@ def test_descriptors_and_validation(node_process, ros_client):
 
 def test_lifecycle_state_follows_autostart(node_process, ros_client):
     node_process('-r', '__node:=manual_vlm', '-p', 'autostart:=false')
-    state = ros_client.call(GetState, '/manual_vlm/get_state', GetState.Request())
+    state = ros_client.call(GetState, '/manual_vlm/get_state', GetState.Request(),
+                            resend_every=5.0)
     assert state.current_state.label == 'unconfigured'
 
 

@@ -402,7 +402,8 @@ def query(client, **fields):
 def wait_active(client, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = client.call(GetState, '/vlm_node/get_state', GetState.Request())
+        state = client.call(GetState, '/vlm_node/get_state', GetState.Request(),
+                            resend_every=5.0)
         if state.current_state.label == 'active':
             return True
         time.sleep(0.1)
@@ -497,7 +498,8 @@ def test_node_reports_remote_failures_and_keeps_serving(own_server, node_process
     own_server.start()
     back = query(ros_client, image=rgb, prompt=PROMPT)
     assert back.success and back.completion_tokens == TOKENS
-    state = ros_client.call(GetState, '/vlm_node/get_state', GetState.Request())
+    state = ros_client.call(GetState, '/vlm_node/get_state', GetState.Request(),
+                            resend_every=5.0)
     assert state.current_state.label == 'active'
 
     # Deactivation cancels a request the server is still working on, at once.
