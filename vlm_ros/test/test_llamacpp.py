@@ -167,6 +167,41 @@ def test_embedding_path_equals_token_path(model):
             assert np.abs(a - b).max() <= 1e-4, f'slots {slots}'
 
 
+@pytest.mark.parametrize('ftype', ['f32', 'f16', 'q8_0', 'q4_0'])
+def test_whole_prompt_as_embeddings_equals_runs(model, ftype):
+    """One embeddings input with text rows read from the GGUF equals token/image runs."""
+    variant, ref, _ = model
+    path = cached_gguf(variant, ftype)
+    whole = LlamaCppDecoder(path, **EXACT)
+    runs = LlamaCppDecoder(path, prompt_as_embeddings=False, **EXACT)
+    assert whole._token_rows is not None and runs._token_rows is None
+    inputs, ids, features = _ids_features(ref, _image('tile_b'))
+    placeholder = ref.config.image_token_id
+    assert np.count_nonzero(np.diff((ids == placeholder).astype(int))) >= 4  # several runs
+    _, a = whole.start(ids, features, placeholder)
+    _, b = runs.start(ids, features, placeholder)
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max()), ftype
+    assert (_greedy(whole, ids, features, placeholder, ref.eos)
+            == _greedy(runs, ids, features, placeholder, ref.eos))
+
+
+def test_token_rows_equal_gguf_readers_tensor(model):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from vlm_ros.engine.runtimes.gguf_file import TensorRows
+
+    variant, _, _ = model
+    for ftype in ('f32', 'f16', 'q8_0', 'q4_0'):
+        path = cached_gguf(variant, ftype)
+        tensor = next(t for t in GGUFReader(path).tensors if t.name == 'token_embd.weight')
+        table = dequantize(tensor.data, tensor.tensor_type)
+        rows = TensorRows.from_file(path, 'token_embd.weight')
+        picks = [0, 7, len(table) - 1, 7]
+        assert rows.qtype == tensor.tensor_type
+        np.testing.assert_array_equal(rows(picks), table[picks])
+    assert TensorRows.from_file(path, 'no_such.weight') is None
+
+
 def test_long_prompts_are_chunked(model):
     """Prompts longer than one llama.cpp batch give the same logits as transformers."""
     variant, ref, _ = model

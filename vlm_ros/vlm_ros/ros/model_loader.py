@@ -138,11 +138,11 @@ def choose_model(cfg, share: Optional[pathlib.Path] = None) -> Union[ModelChoice
 
 def _check_mmproj(mmproj, decoder, family_name):
     """Check that an mmproj comes with a GGUF language model and fits the family."""
-    from vlm_ros.engine.runtimes.llamacpp import read_gguf_metadata
+    from vlm_ros.engine.runtimes.gguf_file import read_metadata
     if decoder.suffix != '.gguf':
         raise UnsupportedModelError(f'model_file_name {mmproj.name} is an mmproj GGUF, so '
                                     'llm_model_name must be a GGUF language model too')
-    meta = read_gguf_metadata(mmproj, ('general.architecture', 'clip.projector_type'))
+    meta = read_metadata(mmproj, ('general.architecture', 'clip.projector_type'))
     if meta.get('general.architecture') != 'clip':
         raise UnsupportedModelError(f'{mmproj} is not an mmproj (architecture '
                                     f'{meta.get("general.architecture")!r})')

@@ -11,7 +11,7 @@ import numpy as np
 
 from vlm_ros.engine.chat_template import build_messages, ChatTemplate
 from vlm_ros.engine.families.base import ModelFamily, PreparedRequest
-from vlm_ros.engine.runtimes.llamacpp import read_gguf_metadata
+from vlm_ros.engine.runtimes.gguf_file import read_metadata
 
 IMAGE_PLACEHOLDER = '<image>'
 
@@ -38,9 +38,9 @@ class GgufChatFamily(ModelFamily):
     def __init__(self, gguf_path, decoder, family='smolvlm'):
         self.name = f'{family} (GGUF)'
         self.decoder = decoder
-        meta = read_gguf_metadata(gguf_path, ('tokenizer.chat_template',
-                                              'tokenizer.ggml.bos_token_id',
-                                              'tokenizer.ggml.eos_token_id'))
+        meta = read_metadata(gguf_path, ('tokenizer.chat_template',
+                                         'tokenizer.ggml.bos_token_id',
+                                         'tokenizer.ggml.eos_token_id'))
         source = meta.get('tokenizer.chat_template') or FALLBACK_TEMPLATES[family]
         special = {}
         for key, name in (('tokenizer.ggml.bos_token_id', 'bos_token'),

@@ -18,7 +18,7 @@ import numpy as np
 
 from vlm_ros.engine.errors import (BackendError, ImageError, ModelFilesError,
                                    ModelMismatchError, UnsupportedModelError)
-from vlm_ros.engine.runtimes import llamacpp
+from vlm_ros.engine.runtimes import gguf_file, llamacpp
 
 # Placeholders some vocabularies use for image positions, tried when none is given.
 _IMAGE_TOKENS = ('<image>', '<IMG_CONTEXT>', '<|image_pad|>', '<image_soft_token>',
@@ -65,7 +65,7 @@ class MtmdImageEncoder:
         self.path = os.fspath(mmproj_path)
         self.decoder = decoder
         name = os.path.basename(self.path)
-        meta = llamacpp.read_gguf_metadata(
+        meta = gguf_file.read_metadata(
             self.path, ('general.architecture', 'clip.projector_type',
                         'clip.vision.projector_type'))
         if meta.get('general.architecture') != 'clip':
