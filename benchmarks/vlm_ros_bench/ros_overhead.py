@@ -29,12 +29,14 @@ CASES = (
     ('jpeg 1920x1080', 'jpeg', 1920, 1080),
 )
 NODE_NAME = 'vlm_bench_node'
-# Fast DDS 3 (Jazzy, Kilted) reads the first, Fast DDS 2 (Humble) the second; setting both
-# on Fast DDS 3 loads the file twice and rejects the repeated transport id.
+# Fast DDS 3 (Kilted and later) reads the first, Fast DDS 2 (Humble: 2.6, Jazzy: 2.14) only
+# the second; setting both on Fast DDS 3 loads the file twice and rejects the repeated
+# transport id.
 PROFILE_VARS = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+FAST_DDS_2_DISTROS = ('humble', 'jazzy')
 
 
-def _profile_file():
+def profile_file():
     from ament_index_python.packages import get_package_share_directory
 
     path = os.path.join(get_package_share_directory('vlm_ros'), 'config',
@@ -46,13 +48,15 @@ def _profile_file():
 
 def transports():
     """Return (name, Fast DDS profiles file or None) of every setting to measure."""
-    return [('fastdds default', None), ('large-message profile', _profile_file())]
+    return [('fastdds default', None), ('large-message profile', profile_file())]
 
 
-def _transport_env(profile):
+def transport_env(profile):
+    """Return this process's environment with ``profile`` (None: no profile) for Fast DDS."""
     env = {k: v for k, v in os.environ.items() if k not in PROFILE_VARS}
     if profile:
-        env[PROFILE_VARS[1] if env.get('ROS_DISTRO') == 'humble' else PROFILE_VARS[0]] = profile
+        fast_dds_2 = env.get('ROS_DISTRO') in FAST_DDS_2_DISTROS
+        env[PROFILE_VARS[1] if fast_dds_2 else PROFILE_VARS[0]] = profile
     return env
 
 
@@ -65,7 +69,7 @@ def measure_transports(model_dir, model_label, threads, reps, warmup, workdir, n
                 'reps': reps, 'warmup': warmup, 'log_path': stem + '-vlm_node.log',
                 'new_tokens': new_tokens}
         part, failure = common.run_child('vlm_ros_bench.ros_overhead', spec, stem,
-                                         _transport_env(profile),
+                                         transport_env(profile),
                                          300 + 120 * len(CASES) * (reps + warmup),
                                          'ros overhead process')
         if part is None:

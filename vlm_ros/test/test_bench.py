@@ -121,3 +121,41 @@ def test_schema_check_finds_problems(tiny_results):
     problems = schema.validate(broken)
     assert any("missing 'tpot_ms'" in p for p in problems)
     assert any('memory_read_gbps' in p for p in problems)
+
+
+@pytest.mark.parametrize('given, expected', [('both', [False, True]), ('on', [True]),
+                                             ('off', [False]), ('on,off,on', [True, False])])
+def test_splits_argument(given, expected):
+    import argparse
+
+    from vlm_ros_bench import run
+
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    assert run._settings(parser.parse_args(['--splits', given]))['splits'] == expected
+    with pytest.raises(SystemExit, match='--splits takes'):
+        run._settings(parser.parse_args(['--splits', 'sometimes']))
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='Fast DDS segments live in /dev/shm')
+def test_large_message_profile_takes_effect():
+    """The installed profile parses on this distribution's Fast DDS and gives its segment."""
+    from vlm_ros_bench import ros_overhead
+
+    env = ros_overhead.transport_env(ros_overhead.profile_file())
+    env['ROS_DOMAIN_ID'] = str(1 + os.getpid() % 100)
+    probe = ('import os, rclpy\n'
+             'before = set(os.listdir("/dev/shm"))\n'
+             'rclpy.init()\n'
+             'node = rclpy.create_node("vlm_profile_probe")\n'
+             'sizes = [os.path.getsize("/dev/shm/" + f) for f in '
+             'set(os.listdir("/dev/shm")) - before]\n'
+             'print(max(sizes, default=0))\n'
+             'node.destroy_node()\n'
+             'rclpy.shutdown()\n')
+    out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'XMLPARSER' not in out.stderr, out.stderr[-3000:]
+    # A participant's own segment is 512 KiB by default; the profile asks for 32 MiB.
+    assert int(out.stdout.split()[-1]) >= 32 * 1024 * 1024, out.stderr[-3000:]
