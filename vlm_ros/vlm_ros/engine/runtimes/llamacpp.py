@@ -6,9 +6,9 @@ llama.cpp (through llama-cpp-python's low-level API): a GGUF language model as t
 features goes in as one embeddings input, its text rows looked up in the GGUF's token table
 (``gguf_file.TensorRows``), where the architecture allows; otherwise as alternate token and
 embedding batches. Either way one sequence at consecutive positions, and only the last
-position produces logits. Beam search
-uses extra sequences that share the prompt's KV cells (``llama_memory_seq_cp``), so it costs
-no copy of the cache; it needs ``max_beams`` at construction.
+position produces logits. Beam search uses extra sequences that share the prompt's KV cells
+(``llama_memory_seq_cp``), so it costs no copy of the cache; it needs ``max_beams`` at
+construction.
 """
 
 import collections
@@ -29,11 +29,11 @@ from vlm_ros.engine.runtimes import gguf_file
 _LOG = logging.getLogger('vlm_ros.llamacpp')
 
 KV_TYPES = {'f32': 0, 'f16': 1, 'q8_0': 8, 'q4_0': 2, 'bf16': 30}
-# Architectures llama.cpp loads that are not text decoders (embedding models, projectors).
 # Architectures whose first layer takes an embeddings batch exactly as it takes the looked-up
 # rows of tokens (no scaling or adapters on one input kind only, unlike Gemma's), so a whole
 # prompt can go in as embeddings: SmolVLM's and InternVL's language models.
 EMBEDDING_INPUT_ARCHS = {'llama', 'qwen2', 'qwen3'}
+# Architectures llama.cpp loads that are not text decoders (embedding models, projectors).
 NOT_DECODERS = {'clip', 'bert', 'nomic-bert', 'nomic-bert-moe', 'neo-bert', 'jina-bert-v2',
                 'jina-bert-v3', 'modern-bert', 'eurobert', 't5encoder', 'wavtokenizer-dec'}
 
