@@ -37,6 +37,7 @@ FAST_DDS_2_DISTROS = ('humble', 'jazzy')
 
 
 def profile_file():
+    """Return the installed large-message Fast DDS profile of the vlm_ros package."""
     from ament_index_python.packages import get_package_share_directory
 
     path = os.path.join(get_package_share_directory('vlm_ros'), 'config',
