@@ -128,17 +128,25 @@ def compile_template(source: str) -> jinja2.Template:
         raise ModelFilesError(f'the chat template does not compile: {exc}') from exc
 
 
-def build_messages(prompt: str, system_prompt: str = '', num_images: int = 0) -> List[Dict]:
+def build_messages(prompt: str, system_prompt: str = '', num_images: int = 0,
+                   turns: Sequence = ()) -> List[Dict]:
     """
     Return a conversation in transformers' content-list form.
 
-    The images come first in the user turn, as in the model cards' examples; a system turn is
+    ``turns`` are earlier turns, alternating user and assistant, oldest first: each a string
+    or ``(text, image_count)``. Images come first in their user turn, as in the model cards'
+    examples; the last user turn has ``num_images`` of them and ``prompt``. A system turn is
     added only when ``system_prompt`` is not empty.
     """
     messages = []
     if system_prompt:
         messages.append({'role': 'system',
                          'content': [{'type': 'text', 'text': system_prompt}]})
+    for i, turn in enumerate(turns):
+        text, count = (turn, 0) if isinstance(turn, str) else turn
+        content = [{'type': 'image'} for _ in range(count)]
+        content.append({'type': 'text', 'text': text})
+        messages.append({'role': 'user' if i % 2 == 0 else 'assistant', 'content': content})
     content = [{'type': 'image'} for _ in range(num_images)]
     content.append({'type': 'text', 'text': prompt})
     messages.append({'role': 'user', 'content': content})

@@ -4,8 +4,8 @@ import argparse
 import json
 import sys
 
+from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import VlmError
-from vlm_ros.engine.families.base import ImageOptions
 from vlm_ros.engine.model_files import ONNX_VARIANTS
 
 
@@ -13,7 +13,8 @@ def build_parser():
     """Command-line options: model, input and generation settings."""
     p = argparse.ArgumentParser(prog='vlm_ask', description=__doc__.split('\n')[0].strip('`'))
     p.add_argument('model_dir', help='model folder as laid out in its hub repository')
-    p.add_argument('image', nargs='?', help='image file (omit for a text-only prompt)')
+    p.add_argument('images', nargs='*', metavar='image',
+                   help='image files, asked about together (none: a text-only prompt)')
     p.add_argument('-p', '--prompt', default='Describe this image.')
     p.add_argument('--system', default='', help='system prompt')
     p.add_argument('--variant', default='fp32', choices=ONNX_VARIANTS,
@@ -41,7 +42,7 @@ def build_parser():
 def main(argv=None):
     """Run one request; exit 1 with the error on stderr when it fails."""
     args = build_parser().parse_args(argv)
-    from vlm_ros.engine.pipeline import pipeline
+    from vlm_ros.engine.loader import pipeline
     try:
         pipe = pipeline(args.model_dir, vision_model=args.vision_model,
                         decoder_model=args.decoder_model, variant=args.variant,
@@ -49,7 +50,7 @@ def main(argv=None):
                         image_options=ImageOptions(args.split, args.max_tiles))
         on_text = (lambda s: print(s, end='', flush=True)) if args.stream else None
         result = pipe.generate(
-            args.image, args.prompt, args.system, on_text=on_text,
+            args.images, args.prompt, args.system, on_text=on_text,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
             seed=args.seed, num_beams=args.beams, stop=tuple(args.stop))

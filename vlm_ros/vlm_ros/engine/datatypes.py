@@ -1,8 +1,12 @@
-"""Generation settings and results shared by every family and runtime."""
+"""The data that crosses stages: image options, prepared requests, settings and results."""
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+import math
+import numbers
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
 
 from vlm_ros.engine.errors import GenerationError
 
@@ -10,6 +14,82 @@ FINISH_STOP = 'stop'
 FINISH_LENGTH = 'length'
 FINISH_CANCELLED = 'cancelled'
 FINISH_ERROR = 'error'
+
+
+@dataclass
+class ImageOptions:
+    """Latency knobs for the image, applied on top of the model's own configuration."""
+
+    do_image_splitting: Optional[bool] = None
+    """None: the model's preprocessor config decides."""
+    max_tiles: int = 0
+    """Cap on tiles when splitting; 0: the model's own limit."""
+
+
+@dataclass
+class PreparedRequest:
+    """
+    Everything the runtimes need for one request, as a model family lays it out.
+
+    ``input_ids`` may be empty when the vision stage lays the prompt out itself (libmtmd):
+    it then reads ``prompt_text`` and ``images`` and returns a request with the ids filled in.
+    """
+
+    input_ids: np.ndarray
+    """int64 [seq]: the full prompt, image placeholders (``image_token_id``) included."""
+    vision_inputs: Dict[str, np.ndarray] = field(default_factory=dict)
+    """Named inputs of the vision encoder (e.g. ``pixel_values``); empty without an image."""
+    image_token_id: Optional[int] = None
+    """Token id whose positions receive the image features, in order."""
+    num_image_tokens: int = 0
+    prompt_text: str = ''
+    """The rendered prompt, image tokens expanded (or one placeholder per image for libmtmd)."""
+    images: List[np.ndarray] = field(default_factory=list)
+    """The RGB uint8 images of the request, in prompt order."""
+    image_inputs: List[Dict[str, np.ndarray]] = field(default_factory=list)
+    """Per image: its vision inputs, or {} when its features are already known."""
+    image_token_counts: List[int] = field(default_factory=list)
+    """Per image: how many image positions (features) it fills."""
+    image_features: List[Optional[np.ndarray]] = field(default_factory=list)
+    """Per image: its features [tokens, hidden] when known (a cache), else None; the vision
+    stage fills the gaps."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The accepted range of one generation setting (a node parameter uses the same)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    """True: ``low`` itself is not accepted."""
+
+    def text(self) -> str:
+        """Write the range as an interval, e.g. ``(0, 1]``."""
+        return f'{"(" if self.low_open else "["}{self.low:g}, {self.high:g}]'
+
+    def check(self, name, value) -> Optional[str]:
+        """Return why ``value`` is not acceptable for ``name``, or None."""
+        if not math.isfinite(value):
+            return f'{name} must be a finite number in {self.text()}, got {value!r}'
+        if value < self.low or value > self.high or (self.low_open and value == self.low):
+            return f'{name} must be in {self.text()}, got {value!r}'
+        return None
+
+
+GENERATION_LIMITS: Dict[str, Limit] = {
+    'max_new_tokens': Limit(1, 32768),
+    'min_new_tokens': Limit(0, 32768),
+    'temperature': Limit(0.0, 100.0),
+    'top_k': Limit(0, 100000),
+    'top_p': Limit(0.0, 1.0, low_open=True),
+    'repetition_penalty': Limit(0.01, 100.0),
+    'seed': Limit(0, 2**31 - 1),
+    'num_beams': Limit(1, 16),
+    'length_penalty': Limit(-100.0, 100.0),
+}
+"""Ranges of the numeric generation settings, shared by the library, the node's parameters
+and the per-request overrides of the ROS interfaces."""
 
 
 @dataclass(frozen=True)
@@ -49,24 +129,27 @@ class GenerationConfig:
 
     def validate(self):
         """Raise GenerationError naming the first setting out of range."""
+        for name, limit in GENERATION_LIMITS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise GenerationError(f'{name} must be a number, got {value!r}')
+            reason = limit.check(name, value)
+            if reason:
+                raise GenerationError(reason)
         checks = (
-            (self.max_new_tokens >= 1, 'max_new_tokens must be >= 1'),
-            (0 <= self.min_new_tokens <= self.max_new_tokens,
-             'min_new_tokens must be in [0, max_new_tokens]'),
-            (self.temperature >= 0.0, 'temperature must be >= 0 (0 = greedy)'),
-            (self.top_k >= 0, 'top_k must be >= 0 (0 = off)'),
-            (0.0 < self.top_p <= 1.0, 'top_p must be in (0, 1]'),
-            (self.repetition_penalty > 0.0, 'repetition_penalty must be > 0 (1 = off)'),
-            (self.num_beams >= 1, 'num_beams must be >= 1'),
+            (self.min_new_tokens <= self.max_new_tokens,
+             f'min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens '
+             f'({self.max_new_tokens})'),
             (not (self.num_beams > 1 and self.do_sample),
              'beam search with sampling is not supported: set temperature 0 or num_beams 1'),
-            (self.seed is None or self.seed >= 0, 'seed must be >= 0'),
             (all(isinstance(s, str) and s for s in self.stop),
-             'stop strings must be non-empty strings'),
+             f'stop strings must be non-empty strings, got {list(self.stop)!r}'),
         )
         for ok, message in checks:
             if not ok:
-                raise GenerationError(f'{message} (got {self})')
+                raise GenerationError(message)
         return self
 
 
@@ -94,6 +177,10 @@ class Result:
     """Prompt length in tokens, image tokens included."""
     image_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
+    cached_tokens: int = 0
+    """Prompt tokens not prefilled again: taken from a kept prefix (KV cache)."""
+    backend: str = ''
+    """What answered: ``local``, ``remote`` or ``local (fallback)``."""
     completion_token_count: Optional[int] = None
     """Generated tokens when the ids are unknown (a remote server reports only the count)."""
 

@@ -34,6 +34,10 @@ class GenerationError(VlmError, ValueError):
     """Generation settings are invalid or unsupported by the runtime."""
 
 
+class Cancelled(VlmError):
+    """``should_stop`` asked to stop while a prompt was being prefilled (no answer yet)."""
+
+
 class BackendError(VlmError, RuntimeError):
     """A runtime or remote server failed while answering."""
 

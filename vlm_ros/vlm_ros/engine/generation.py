@@ -141,16 +141,21 @@ def generate(session: DecoderSession, first_logits: np.ndarray, prompt_ids: Sequ
              config: GenerationConfig, eos_ids: Sequence[int],
              decode: Callable[[Sequence[int]], str], max_new_tokens: int,
              on_text: Optional[Callable[[str], None]] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> Generated:
+             should_stop: Optional[Callable[[], bool]] = None,
+             on_token: Optional[Callable[[int], None]] = None) -> Generated:
     """
     Generate up to ``max_new_tokens`` after a prefill whose last logits are ``first_logits``.
 
     ``max_new_tokens`` is the caller's budget (already limited by the context size); an
-    answer that uses it all ends with ``length``.
+    answer that uses it all ends with ``length``. ``on_token`` gets the count of generated
+    tokens after each one (beam search: once, at the end).
     """
     if config.num_beams > 1:
-        return _beam_search(session, first_logits, prompt_ids, config, eos_ids, decode,
-                            max_new_tokens, on_text, should_stop)
+        out = _beam_search(session, first_logits, prompt_ids, config, eos_ids, decode,
+                           max_new_tokens, on_text, should_stop)
+        if on_token is not None:
+            on_token(len(out.token_ids))
+        return out
     eos = set(eos_ids)
     rng = np.random.default_rng(config.seed)
     stream = TextStream(decode, config.stop, on_text)
@@ -171,6 +176,8 @@ def generate(session: DecoderSession, first_logits: np.ndarray, prompt_ids: Sequ
             token = int(np.argmax(scores))
         generated.append(token)
         sequence.append(token)
+        if on_token is not None:
+            on_token(len(generated))
         if token in eos and not config.ignore_eos:
             finish = FINISH_STOP
             break

@@ -16,12 +16,18 @@ Deliberate differences from transformers, where its behaviour loses the picture:
 * encoded files keep their alpha (composited onto white like an in-memory PIL image);
   ``transformers.image_utils.load_image`` drops it with ``convert('RGB')``. Both apply the
   EXIF orientation.
+
+This module is the one image policy of the project: the ROS adapter only reinterprets a
+message's bytes as an array and hands it here with its channel order (``from_channels``) or
+hands encoded bytes to ``decode`` with the formats it accepts, so bit depth, channel order,
+size limits and decoding are the same whether an image comes from a file, the library or a
+ROS message.
 """
 
 import io
 import os
 import pathlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,6 +36,7 @@ from vlm_ros.engine.errors import ImageError
 
 MAX_SIDE = 32768
 MAX_PIXELS = 100_000_000
+CHANNEL_ORDERS = ('RGB', 'BGR', 'RGBA', 'BGRA', 'L')
 
 # PIL resampling filters by the integer transformers stores in preprocessor_config.json.
 RESAMPLE_NAMES = {0: 'nearest', 1: 'lanczos', 2: 'bilinear', 3: 'bicubic', 4: 'box',
@@ -59,9 +66,41 @@ def to_rgb(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return _from_file(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(bytes(image), 'encoded image')
+        return _decode(bytes(image), 'encoded image', None)
     raise ImageError(f'unsupported image type {type(image).__name__}: pass a numpy array, a '
                      'PIL image, a file path or encoded bytes')
+
+
+def from_channels(array: np.ndarray, order: str) -> np.ndarray:
+    """
+    Return an (H, W, C) or (H, W) array whose channels are in ``order`` as RGB uint8.
+
+    ``order`` is one of CHANNEL_ORDERS (``L`` is grey); uint16 values are scaled like any
+    other 16-bit image (``round(v / 257)``), alpha is composited onto white.
+    """
+    if order not in CHANNEL_ORDERS:
+        raise ImageError(f'unknown channel order {order!r}; one of {CHANNEL_ORDERS}')
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] != len(order):
+        raise ImageError(f'{order} image needs {len(order)} channel(s), got shape '
+                         f'{tuple(array.shape)}')
+    if order in ('BGR', 'BGRA'):
+        array = array[:, :, [2, 1, 0, 3][:len(order)]]
+    return _from_array(array)
+
+
+def decode(data, source='encoded image', formats: Optional[Sequence[str]] = None) -> np.ndarray:
+    """
+    Decode encoded image bytes (JPEG, PNG, ...) to RGB uint8, the size checked first.
+
+    The dimensions are read from the header and checked against the limits before a pixel
+    is decoded, so a small file that would decode to a huge image costs nothing. ``formats``
+    (Pillow format names, e.g. ``('JPEG', 'PNG')``) restricts what is accepted; None: any
+    format Pillow reads.
+    """
+    return _decode(bytes(data), source, formats)
 
 
 def check_size(height, width, source='image'):
@@ -87,15 +126,18 @@ def _from_file(path):
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f'cannot read image file {path}: {exc}') from exc
-    return _decode(data, f'image file {path}')
+    return _decode(data, f'image file {path}', None)
 
 
-def _decode(data, source):
+def _decode(data, source, formats):
     """Decode encoded image bytes with Pillow, applying the EXIF orientation."""
     if not data:
         raise ImageError(f'{source} is empty (0 bytes)')
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if formats is not None and img.format not in formats:
+                raise ImageError(f'{source} is {img.format or "an unknown format"}; accepted: '
+                                 f'{", ".join(formats)}')
             # The header is enough to refuse a decompression bomb before decoding it.
             check_size(img.height, img.width, source)
             img.load()
@@ -103,8 +145,8 @@ def _decode(data, source):
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageError(f'{source} is not an image Pillow can read ({len(data)} bytes, '
-                         f'starting {data[:8]!r})') from exc
+        raise ImageError(f'{source} is not an image Pillow can read ({len(data)} bytes)') \
+            from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f'{source} is too large: {exc}') from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -130,10 +130,6 @@ class Tokenizer:
         """Id of ``token``, or None if the vocabulary lacks it."""
         return self._tok.token_to_id(token)
 
-    def id_to_token(self, token_id: int) -> Optional[str]:
-        """Token string of ``token_id``, or None if out of range."""
-        return self._tok.id_to_token(int(token_id))
-
     def _adds_special_tokens(self, text, add_special_tokens):
         if add_special_tokens is None:
             # transformers' apply_chat_template(tokenize=True) rule: a prompt that already
@@ -157,10 +153,6 @@ class Tokenizer:
         tok = _RustTokenizer.from_str(self._tok.to_str())
         tok.encode_special_tokens = True
         return tok
-
-    def encode_plain(self, text: str) -> List[int]:
-        """Encode ``text`` without turning special-token strings into their ids."""
-        return self._plain.encode(text, add_special_tokens=False).ids
 
     @functools.cached_property
     def _marker_pattern(self):
@@ -206,52 +198,3 @@ class Tokenizer:
         text = self._tok.decode([int(t) for t in token_ids],
                                 skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
-
-    def detokenizer(self, skip_special_tokens: bool = True) -> 'IncrementalDetokenizer':
-        """Return a new streaming detokenizer."""
-        return IncrementalDetokenizer(self, skip_special_tokens)
-
-
-class IncrementalDetokenizer:
-    """
-    Text deltas from ids fed one at a time, for streaming.
-
-    Each step decodes a short window (from the last emitted character boundary) twice, with and
-    without the new ids, and emits the difference. Text ending in U+FFFD (an incomplete UTF-8
-    sequence split over byte tokens) is held back until a later id completes it, or until
-    ``flush``. The concatenated deltas equal ``tokenizer.decode`` of all ids.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self._decode = functools.partial(tokenizer.decode,
-                                         skip_special_tokens=skip_special_tokens)
-        self.token_ids: List[int] = []
-        self.text = ''
-        self._prefix = 0  # window start: a boundary where the text was complete
-        self._read = 0  # ids whose text has been emitted
-
-    def add(self, token_id: int) -> str:
-        """Feed one id; return the new text it completes ('' while a character is partial)."""
-        self.token_ids.append(int(token_id))
-        return self._step(final=False)
-
-    def add_many(self, token_ids: Iterable[int]) -> str:
-        """Feed several ids; return the text they complete."""
-        self.token_ids.extend(int(t) for t in token_ids)
-        return self._step(final=False)
-
-    def flush(self) -> str:
-        """Return whatever is still held back (an unfinished character becomes U+FFFD)."""
-        return self._step(final=True)
-
-    def _step(self, final):
-        if self._read == len(self.token_ids):
-            return ''
-        prefix_text = self._decode(self.token_ids[self._prefix:self._read])
-        new_text = self._decode(self.token_ids[self._prefix:])
-        if not final and (new_text.endswith('\ufffd') or len(new_text) <= len(prefix_text)):
-            return ''
-        delta = new_text[len(prefix_text):]
-        self._prefix, self._read = self._read, len(self.token_ids)
-        self.text += delta
-        return delta

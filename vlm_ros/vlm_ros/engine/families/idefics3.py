@@ -34,17 +34,17 @@ placeholders or turn ends.
 from dataclasses import dataclass
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from vlm_ros.engine import images
-from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_START,
-                                          control_token_pattern, mark_control_tokens)
-from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
-                                   UnsupportedModelError)
-from vlm_ros.engine.families.base import ImageOptions, TemplatedFamily
-from vlm_ros.engine.model_files import load_json, text_config
+from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_token_pattern
+from vlm_ros.engine.datatypes import ImageOptions
+from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
+from vlm_ros.engine.families.base import (FamilyInfo, parse_resample, read_config,
+                                          read_eos_ids, TemplatedFamily, three_floats)
+from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
 MODEL_TYPES = ('smolvlm', 'idefics3')
@@ -151,13 +151,6 @@ class ImagePlan:
         return self.rows * self.cols + 1 if self.rows or self.cols else 1
 
 
-def _int_list(value) -> List[int]:
-    if value is None:
-        return []
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
-
-
 def _size_entry(value, name, source):
     if isinstance(value, int) and not isinstance(value, bool):
         return {'longest_edge': value}
@@ -169,33 +162,28 @@ def _size_entry(value, name, source):
 class Idefics3Family(TemplatedFamily):
     """SmolVLM / SmolVLM2 / Idefics3: every constant from the model directory's files."""
 
+    info = FamilyInfo(
+        key='smolvlm', model_type_param=1, display_name='SmolVLM/SmolVLM2',
+        config_model_types=MODEL_TYPES, mmproj_projectors=('idefics3',),
+        fallback_chat_template=(
+            "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+            "{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+            "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+            "{{ part['text'] }}{% else %}<image>{% endif %}{% endfor %}<end_of_utterance>\n"
+            '{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}'),
+        default=True)
+    frame_axis = 1  # pixel_values [1, frames, 3, H, W]
+
     def __init__(self, model_dir):
         self.model_dir = model_dir
-        config = load_json(model_dir, 'config.json')
-        self.name = config.get('model_type', '')
-        if self.name not in MODEL_TYPES:
-            raise UnsupportedModelError(f'{model_dir}/config.json has model_type {self.name!r}; '
-                                        f'this family handles {MODEL_TYPES}')
-        text = text_config(config)
-        try:
-            self.context_length = int(text['max_position_embeddings'])
-            self.text_hidden_size = int(text['hidden_size'])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFilesError(f'{model_dir}/config.json lacks text_config.{exc}') from exc
+        config, text, self.context_length, self.text_hidden_size = read_config(
+            model_dir, MODEL_TYPES)
+        self.name = config['model_type']
         self._read_preprocessor(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self._read_tokens(model_dir, config)
         self.image_seq_len = self._read_image_seq_len(model_dir, config)
-        generation = load_json(model_dir, 'generation_config.json', required=False)
-        eos = _int_list(generation.get('eos_token_id')) + _int_list(config.get('eos_token_id')) \
-            + _int_list(text.get('eos_token_id'))
-        self.eos_token_ids = list(dict.fromkeys(eos))
-        if not self.eos_token_ids:
-            eos_id = self.tokenizer.token_to_id(self.tokenizer.eos_token or '')
-            if eos_id is None:
-                raise ModelFilesError(f'no eos_token_id in {model_dir}/generation_config.json '
-                                      'or config.json, and the tokenizer has no eos_token')
-            self.eos_token_ids = [eos_id]
+        self.eos_token_ids = read_eos_ids(model_dir, config, text, self.tokenizer)
         self.chat_template = ChatTemplate.from_model_dir(model_dir,
                                                          self.tokenizer.special_tokens)
         self._control = control_token_pattern(
@@ -217,24 +205,13 @@ class Idefics3Family(TemplatedFamily):
         if not max_image_size.get('longest_edge'):
             raise ModelFilesError(f"{source}: max_image_size needs 'longest_edge'")
         self.tile_size = int(max_image_size['longest_edge'])
-        self.resample = cfg['resample']
-        if isinstance(self.resample, str):
-            names = {v: k for k, v in images.RESAMPLE_NAMES.items()}
-            self.resample = names.get(self.resample.lower(), self.resample)
-        if self.resample not in images.RESAMPLE_NAMES:
-            raise UnsupportedModelError(f'{source}: resample {cfg["resample"]!r} is not a PIL '
-                                        f'filter this engine knows {images.RESAMPLE_NAMES}')
+        self.resample = parse_resample(cfg['resample'], source)
         self.do_image_splitting = bool(cfg['do_image_splitting'])
         self.do_rescale = bool(cfg['do_rescale'])
         self.do_normalize = bool(cfg['do_normalize'])
         self.rescale_factor = float(cfg['rescale_factor'])
-        mean, std = cfg['image_mean'], cfg['image_std']
-        self.image_mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else \
-            [float(m) for m in mean]
-        self.image_std = [float(std)] * 3 if isinstance(std, (int, float)) else \
-            [float(s) for s in std]
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ModelFilesError(f'{source}: image_mean and image_std need 3 values')
+        self.image_mean = three_floats(cfg['image_mean'], 'image_mean', source)
+        self.image_std = three_floats(cfg['image_std'], 'image_std', source)
         self._tables = images.normalize_tables(self.rescale_factor, self.image_mean,
                                                self.image_std, self.do_rescale,
                                                self.do_normalize)
@@ -358,10 +335,9 @@ class Idefics3Family(TemplatedFamily):
         return image_prompt(rows, cols, self.image_seq_len, self.fake_image_token,
                             self.image_token, self.global_image_token)
 
-    def render(self, prompt, system_prompt='', num_images=0) -> str:
+    def render(self, prompt, system_prompt='', num_images=0, turns=()) -> str:
         """Render the chat-template prompt, user text marked, ``<image>`` not yet expanded."""
-        messages = build_messages(prompt, system_prompt, num_images)
-        messages = mark_control_tokens(messages, self._control)
+        messages = self.messages(prompt, system_prompt, num_images, turns)
         return self.chat_template.render(messages, add_generation_prompt=True)
 
     def expand_image(self, plan) -> str:

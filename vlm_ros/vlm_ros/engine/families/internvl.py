@@ -38,17 +38,20 @@ user text are encoded as plain text, as transformers does with
 from dataclasses import dataclass
 import functools
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from vlm_ros.engine import images
-from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_START,
-                                          control_token_pattern, mark_control_tokens)
+from vlm_ros.engine.chat_template import (ChatTemplate, CONTROL_START, control_token_pattern,
+                                          mark_control_tokens)
+from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    UnsupportedModelError)
-from vlm_ros.engine.families.base import ImageOptions, TemplatedFamily
-from vlm_ros.engine.model_files import load_json, text_config
+from vlm_ros.engine.families.base import (FamilyInfo, parse_resample,
+                                          read_config, read_eos_ids, TemplatedFamily,
+                                          three_floats)
+from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
 HF_MODEL_TYPE = 'internvl'
@@ -126,13 +129,6 @@ class TilePlan:
         return self.cols * self.rows + int(self.thumbnail)
 
 
-def _int_list(value) -> List[int]:
-    if value is None:
-        return []
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
-
-
 def _side(value, name, source) -> int:
     """Return an image or patch size given as an int or a square [h, w] pair."""
     if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
@@ -143,33 +139,26 @@ def _side(value, name, source) -> int:
     return value
 
 
-def _three(value, name, source) -> List[float]:
-    values = [float(value)] * 3 if isinstance(value, (int, float)) else \
-        [float(v) for v in value]
-    if len(values) != 3:
-        raise ModelFilesError(f'{source}: {name} needs 3 values, got {value!r}')
-    return values
-
-
 class InternVLFamily(TemplatedFamily):
     """InternVL2.5 / InternVL3 in transformers' or the original layout, from their files."""
 
     vision_input_names = ('pixel_values',)
 
+    info = FamilyInfo(
+        key='internvl', model_type_param=0, display_name='InternVL2.5/3',
+        config_model_types=MODEL_TYPES, mmproj_projectors=('internvl',),
+        fallback_chat_template=(
+            "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+            "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+            "{{ part['text'] }}{% else %}<image>\n{% endif %}{% endfor %}<|im_end|>\n"
+            '{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}'))
+    vision_input_names = ('pixel_values',)
+
     def __init__(self, model_dir):
         self.model_dir = model_dir
-        config = load_json(model_dir, 'config.json')
-        self.name = config.get('model_type', '')
-        if self.name not in MODEL_TYPES:
-            raise UnsupportedModelError(f'{model_dir}/config.json has model_type {self.name!r}; '
-                                        f'this family handles {MODEL_TYPES}')
-        text = text_config(config)
-        try:
-            self.context_length = int(text['max_position_embeddings'])
-            self.text_hidden_size = int(text['hidden_size'])
-        except (KeyError, TypeError, ValueError) as exc:
-            key = 'llm_config' if self.name == CHAT_MODEL_TYPE else 'text_config'
-            raise ModelFilesError(f'{model_dir}/config.json lacks {key}.{exc}') from exc
+        config, text, self.context_length, self.text_hidden_size = read_config(
+            model_dir, MODEL_TYPES)
+        self.name = config['model_type']
         self.tokenizer = Tokenizer(model_dir)
         if self.name == HF_MODEL_TYPE:
             self._read_hf(model_dir, config)
@@ -179,7 +168,9 @@ class InternVLFamily(TemplatedFamily):
                                                self.image_std, self.do_rescale,
                                                self.do_normalize)
         self._read_tokens(model_dir, config)
-        self.eos_token_ids = self._read_eos(model_dir, config, text)
+        # model.chat stops at the conversation separator, the tokenizer's <|im_end|>.
+        self.eos_token_ids = read_eos_ids(model_dir, config, text, self.tokenizer,
+                                          with_tokenizer_eos=self.name == CHAT_MODEL_TYPE)
         self.chat_template = ChatTemplate.from_model_dir(model_dir,
                                                          self.tokenizer.special_tokens)
         self._control = control_token_pattern(
@@ -267,19 +258,12 @@ class InternVLFamily(TemplatedFamily):
         self.image_seq_length = self._vision_geometry(config, self.tile_size)
 
     def _read_pixels(self, cfg, source):
-        resample = cfg['resample']
-        if isinstance(resample, str):
-            names = {v: k for k, v in images.RESAMPLE_NAMES.items()}
-            resample = names.get(resample.lower(), resample)
-        if resample not in images.RESAMPLE_NAMES:
-            raise UnsupportedModelError(f'{source}: resample {cfg["resample"]!r} is not a PIL '
-                                        f'filter this engine knows {images.RESAMPLE_NAMES}')
-        self.resample = resample
+        self.resample = parse_resample(cfg['resample'], source)
         self.do_rescale = bool(cfg['do_rescale'])
         self.do_normalize = bool(cfg['do_normalize'])
         self.rescale_factor = float(cfg['rescale_factor'])
-        self.image_mean = _three(cfg['image_mean'], 'image_mean', source)
-        self.image_std = _three(cfg['image_std'], 'image_std', source)
+        self.image_mean = three_floats(cfg['image_mean'], 'image_mean', source)
+        self.image_std = three_floats(cfg['image_std'], 'image_std', source)
 
     def _read_tokens(self, model_dir, config):
         tok = self.tokenizer
@@ -310,22 +294,6 @@ class InternVLFamily(TemplatedFamily):
             raise ModelMismatchError(
                 f'{model_dir}: config.json says image_token_id {configured}, but the tokenizer '
                 f'maps {self.image_token!r} to {self.image_token_id}')
-
-    def _read_eos(self, model_dir, config, text):
-        generation = load_json(model_dir, 'generation_config.json', required=False)
-        eos = _int_list(generation.get('eos_token_id')) + _int_list(config.get('eos_token_id')) \
-            + _int_list(text.get('eos_token_id'))
-        tokenizer_eos = self.tokenizer.token_to_id(self.tokenizer.eos_token or '')
-        if self.name == CHAT_MODEL_TYPE and tokenizer_eos is not None:
-            # model.chat stops at the conversation separator, the tokenizer's <|im_end|>.
-            eos.append(tokenizer_eos)
-        eos = list(dict.fromkeys(eos))
-        if not eos:
-            if tokenizer_eos is None:
-                raise ModelFilesError(f'no eos_token_id in {model_dir}/generation_config.json '
-                                      'or config.json, and the tokenizer has no eos_token')
-            eos = [tokenizer_eos]
-        return eos
 
     # Image side.
 
@@ -373,23 +341,30 @@ class InternVLFamily(TemplatedFamily):
         return (self.start_image_token + self.image_token * (self.image_seq_length * num_tiles)
                 + self.end_image_token)
 
-    def render(self, prompt, system_prompt='', num_images=0) -> str:
-        """Render the chat-template prompt: user text marked, the image not yet expanded."""
+    def render(self, prompt, system_prompt='', num_images=0, turns=()) -> str:
+        """Render the chat-template prompt: user text marked, the images not yet expanded."""
         if self.name == HF_MODEL_TYPE:
-            messages = build_messages(prompt, system_prompt, num_images)
-            messages = mark_control_tokens(messages, self._control)
+            messages = self.messages(prompt, system_prompt, num_images, turns)
             return self.chat_template.render(messages, add_generation_prompt=True)
-        # The remote code's chat(): string contents, '<image>\n' before the question.
-        prompt = prompt.replace(_IMAGE_SENTINEL, '')
-        system_prompt = system_prompt.replace(_IMAGE_SENTINEL, '')
+        # The remote code's chat(): string contents, '<image>\n' before the question; several
+        # images numbered one per line ('Image-1: <image>\n'), as its multi-image examples.
+        turns = [(t, 0) if isinstance(t, str) else t for t in turns]
+        turns = [(text.replace(_IMAGE_SENTINEL, ''), n) for text, n in turns]
+        turns.append((prompt.replace(_IMAGE_SENTINEL, ''), num_images))
         messages = []
         if system_prompt:
-            messages.append({'role': 'system', 'content': system_prompt})
-        messages.append({'role': 'user', 'content': prompt})
+            messages.append({'role': 'system',
+                             'content': system_prompt.replace(_IMAGE_SENTINEL, '')})
+        for i, (text, _) in enumerate(turns):
+            messages.append({'role': 'user' if i % 2 == 0 else 'assistant', 'content': text})
         messages = mark_control_tokens(messages, self._control)
-        if num_images:
-            messages[-1]['content'] = (_IMAGE_SENTINEL + '\n') * num_images + \
-                messages[-1]['content']
+        for message, (_, count) in zip(messages[-len(turns):], turns, strict=True):
+            if count == 1:
+                message['content'] = f'{_IMAGE_SENTINEL}\n' + message['content']
+            elif count > 1:
+                message['content'] = ''.join(
+                    f'Image-{i}: {_IMAGE_SENTINEL}\n' for i in range(1, count + 1)) + \
+                    message['content']
         return self.chat_template.render(messages, add_generation_prompt=True)
 
     def expand_image(self, plan) -> str:

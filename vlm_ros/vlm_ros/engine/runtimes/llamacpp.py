@@ -20,11 +20,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from vlm_ros.engine.errors import (BackendError, GenerationError, ModelFilesError,
-                                   ModelMismatchError, PromptTooLongError,
+from vlm_ros.engine import gguf_file
+from vlm_ros.engine.caches import common_prefix, prefix_keys
+from vlm_ros.engine.errors import (BackendError, Cancelled, GenerationError,
+                                   ModelFilesError, ModelMismatchError, PromptTooLongError,
                                    UnsupportedModelError)
 from vlm_ros.engine.generation import DecoderSession
-from vlm_ros.engine.runtimes import gguf_file
+from vlm_ros.engine.runtimes.native import NativeResource
 
 _LOG = logging.getLogger('vlm_ros.llamacpp')
 
@@ -102,7 +104,7 @@ def recent_errors() -> str:
     return '; '.join(lines[-4:])
 
 
-class LlamaCppDecoder:
+class LlamaCppDecoder(NativeResource):
     """
     A GGUF language model in one llama.cpp context; one instance serves many requests.
 
@@ -111,14 +113,20 @@ class LlamaCppDecoder:
     llama.cpp's default, ``f32`` for exact parity checks, ``q8_0``); ``flash_attn`` None
     lets llama.cpp decide, except that an ``f32`` cache turns it off (CPU flash attention
     computes in float16). ``max_beams`` > 1 reserves sequences for beam search. Only one
-    request runs at a time: ``start`` resets the context and invalidates the previous
-    session.
+    request runs at a time: ``start`` invalidates the previous session.
+
+    ``kv_cache_slots`` > 0 keeps the KV cells of that many recent sequences (prompt and
+    answer, stored by ``keep``) in sequences of their own; ``start`` copies the longest
+    prefix one of them shares with the new prompt (cells are shared, not copied: one
+    ``llama_memory_seq_cp``) and prefills only the rest. A prefix's identity covers the image
+    features that filled it (``caches.prefix_keys``), not only the token ids.
     """
 
     def __init__(self, gguf_path, n_threads: int = 0, n_ctx: int = 0,
                  expected_hidden_size: Optional[int] = None, *, max_beams: int = 1,
                  kv_type: str = 'f16', flash_attn: Optional[bool] = None,
-                 n_batch: int = 512, prompt_as_embeddings: bool = True):
+                 n_batch: int = 512, prompt_as_embeddings: bool = True,
+                 kv_cache_slots: int = 0, n_gpu_layers: int = 0):
         self._ll = L = lib()
         self.path = os.fspath(gguf_path)
         self._model = self._ctx = None
@@ -133,7 +141,9 @@ class LlamaCppDecoder:
 
         log_mark()
         params = L.llama_model_default_params()
-        params.n_gpu_layers = 0
+        # Layers offloaded to a GPU (CUDA, Metal, ... builds of llama-cpp-python); -1: all.
+        params.n_gpu_layers = int(n_gpu_layers) if n_gpu_layers >= 0 else 2 ** 31 - 1
+        self.n_gpu_layers = n_gpu_layers
         self._model = L.llama_model_load_from_file(self.path.encode(), params)
         if not self._model:
             reason = recent_errors() or 'no reason given'
@@ -141,7 +151,7 @@ class LlamaCppDecoder:
             raise error(f'llama.cpp cannot load {self.path}: {reason}')
         try:
             self._setup(n_threads, n_ctx, expected_hidden_size, max_beams, kv_type,
-                        flash_attn, n_batch)
+                        flash_attn, n_batch, max(0, int(kv_cache_slots)))
             self._token_rows = (self._open_token_rows() if prompt_as_embeddings else None)
         except BaseException:
             self.close()
@@ -172,7 +182,7 @@ class LlamaCppDecoder:
         return rows
 
     def _setup(self, n_threads, n_ctx, expected_hidden_size, max_beams, kv_type, flash_attn,
-               n_batch):
+               n_batch, kv_cache_slots):
         L = self._ll
         name = os.path.basename(self.path)
         model = self._model
@@ -198,7 +208,11 @@ class LlamaCppDecoder:
         params.n_batch = params.n_ubatch = max(1, min(n_batch, requested))
         # Beams live in a second bank of sequence ids; a unified KV cache lets sequences
         # share cells, so copying a sequence is bookkeeping, not a copy of the cache.
-        params.n_seq_max = 1 if max_beams == 1 else 2 * max_beams
+        # Then the kept prefixes, one sequence each, after both banks.
+        beam_seqs = 1 if max_beams == 1 else 2 * max_beams
+        self._prefixes = _Prefixes(list(range(beam_seqs, beam_seqs + kv_cache_slots)))
+        self._beam_seqs = beam_seqs
+        params.n_seq_max = beam_seqs + kv_cache_slots
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = params.type_v = KV_TYPES[kv_type]
@@ -222,19 +236,26 @@ class LlamaCppDecoder:
         self._batches.append(self._tokens)
         self._embeds: Optional[_Batch] = None
         self._owner = None
+        self._should_stop = None
         self._eog: Optional[List[int]] = None
 
     # -- requests -----------------------------------------------------------------------
 
-    def start(self, input_ids, image_features=None, image_token_id=None, *,
-              non_causal_images=False):
+    def start(self, input_ids, image_features=None, image_token_id=None, should_stop=None):
         """
         Prefill the prompt; returns (session, logits [1, vocab] of the last position).
 
         The positions of ``image_token_id`` in ``input_ids`` take ``image_features``
-        [tokens, hidden] in order. ``non_causal_images`` lets each run of image positions
-        attend to itself both ways (projectors such as Gemma 3's want that).
+        [tokens, hidden] in order. ``should_stop`` is polled between prefill chunks (of
+        ``n_batch`` positions); when it returns True, ``Cancelled`` is raised.
         """
+        self._should_stop = should_stop
+        try:
+            return self._start(input_ids, image_features, image_token_id)
+        finally:
+            self._should_stop = None
+
+    def _start(self, input_ids, image_features, image_token_id):
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise GenerationError('the prompt is empty')
@@ -265,8 +286,30 @@ class LlamaCppDecoder:
                                      f'{self.vocab_size} tokens of {os.path.basename(self.path)}')
         session = LlamaCppSession(self)
         self._owner = session
-        self._ll.llama_memory_clear(self._memory, False)
-        if features is not None and self._token_rows is not None and not non_causal_images:
+        session.prompt_keys = keys = prefix_keys(ids, features, image_token_id)
+        L, memory = self._ll, self._memory
+        for seq in range(self._beam_seqs):  # the previous request's sequences
+            L.llama_memory_seq_rm(memory, seq, -1, -1)
+        done, seq = self._prefixes.best(keys)
+        if done:
+            L.llama_memory_seq_cp(memory, seq, 0, 0, done)
+        try:
+            self._prefill(ids, slots, features, text, done)
+        except PromptTooLongError:
+            if not self._prefixes.seqs_in_use():
+                raise
+            # The kept prefixes hold cells the prompt needs: drop them, prefill it all.
+            self._drop_prefixes()
+            L.llama_memory_seq_rm(memory, 0, -1, -1)
+            done = 0
+            self._prefill(ids, slots, features, text, done)
+        session.cached_tokens = done
+        session.length = int(ids.size)
+        return session, self._logits(1)
+
+    def _prefill(self, ids, slots, features, text, done):
+        """Decode prompt positions ``done`` onwards (those before come from a kept prefix)."""
+        if features is not None and self._token_rows is not None:
             # The whole prompt as one embeddings input, text rows dequantized from the GGUF
             # as llama.cpp's own lookup does: it goes through in n_batch chunks like a text
             # prompt, not one llama_decode per run of text or of image tokens (about 35 runs
@@ -275,71 +318,88 @@ class LlamaCppDecoder:
             embeds = np.empty((ids.size, self.hidden_size), dtype=np.float32)
             embeds[slots] = features
             embeds[~slots] = self._token_rows(text)
-            self._decode_embeddings(embeds, 0, True)
+            self._decode_chunks(self._embeddings_batch(), embeds[done:], done, True)
         else:
-            self._decode_runs(ids, slots, features, non_causal_images)
-        session.length = int(ids.size)
-        return session, self._logits(1)
+            self._decode_runs(ids, slots, features, done)
 
-    def _decode_runs(self, ids, slots, features, non_causal_images):
+    def _decode_runs(self, ids, slots, features, done=0):
         """Decode alternate runs of text tokens and image embeddings, in prompt order."""
         edges = np.flatnonzero(np.diff(slots.astype(np.int8))) + 1
-        bounds = [0, *edges.tolist(), ids.size]
-        used = 0
+        bounds = [0, *[e for e in edges.tolist() if e > done], ids.size]
+        bounds[0] = done
+        used = int(slots[:done].sum())
         for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
             last = end == ids.size
             if slots[begin]:
-                self._decode_embeddings(features[used:used + end - begin], begin, last,
-                                        non_causal_images)
+                self._decode_chunks(self._embeddings_batch(), features[used:used + end - begin],
+                                    begin, last)
                 used += end - begin
             else:
-                self._decode_tokens(ids[begin:end], begin, last)
+                self._decode_chunks(self._tokens, ids[begin:end], begin, last)
 
-    def _decode_tokens(self, ids, pos, want_last):
-        """Decode a run of prompt tokens of sequence 0 in chunks of n_batch."""
-        batch = self._tokens
-        for at in range(0, len(ids), self.n_batch):
-            chunk = ids[at:at + self.n_batch]
-            n = len(chunk)
-            batch.token[:n] = chunk
-            batch.pos[:n] = np.arange(pos + at, pos + at + n, dtype=np.int32)
-            batch.set_seqs(n, None)
-            batch.logits[:n] = 0
-            if want_last and at + n == len(ids):
-                batch.logits[n - 1] = 1
-            self._decode(batch, n)
+    def keep(self, session, token_ids):
+        """
+        Keep the KV cells of ``session`` (prompt and the answer fed so far) for later prompts.
 
-    def _decode_embeddings(self, features, pos, want_last, non_causal=False):
-        """Decode image features as embedding input, chunked like the tokens."""
-        if non_causal and len(features) > self.n_batch:
-            raise PromptTooLongError(
-                f'an image of {len(features)} tokens must be decoded in one batch, but the '
-                f'batch size is {self.n_batch}; create the decoder with a larger n_batch')
+        A request that continued a kept prefix replaces it; otherwise the least recently
+        used prefix makes room. Beam searches are not kept (their sequences moved).
+        """
+        if self._owner is not session or session.seqs != [0] or not self._prefixes.seqs:
+            return
+        fed = session.length - len(session.prompt_keys)
+        keys = np.concatenate([session.prompt_keys,
+                               np.asarray(token_ids[:fed], dtype=np.int64)])
+        seq = self._prefixes.slot_for(keys)
+        L = self._ll
+        L.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        L.llama_memory_seq_cp(self._memory, 0, seq, -1, -1)
+        self._prefixes.store(seq, keys)
+
+    def clear_kept(self):
+        """Forget every kept prefix (frees their KV cells)."""
+        self._drop_prefixes()
+
+    def _drop_prefixes(self):
+        for seq in self._prefixes.seqs_in_use():
+            self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._prefixes.clear()
+
+    def _embeddings_batch(self):
         if self._embeds is None:
             self._embeds = _Batch(self._ll, self.n_batch, self.hidden_size)
             self._batches.append(self._embeds)
-        batch = self._embeds
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        for at in range(0, len(features), self.n_batch):
-            chunk = features[at:at + self.n_batch]
+        return self._embeds
+
+    def _decode_chunks(self, batch, rows, pos, want_last):
+        """
+        Decode ``rows`` of sequence 0 at positions ``pos``... in chunks of n_batch.
+
+        ``rows`` are token ids for the token batch, embeddings [n, hidden] for the embeddings
+        batch; only the last row's logits are kept, and only when ``want_last``.
+        """
+        if batch is not self._tokens:
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
+        for at in range(0, len(rows), self.n_batch):
+            if at and self._should_stop is not None and self._should_stop():
+                raise Cancelled('cancelled while prefilling the prompt')
+            chunk = rows[at:at + self.n_batch]
             n = len(chunk)
-            batch.embd[:n] = chunk
+            batch.input[:n] = chunk
             batch.pos[:n] = np.arange(pos + at, pos + at + n, dtype=np.int32)
             batch.set_seqs(n, None)
             batch.logits[:n] = 0
-            if want_last and at + n == len(features):
+            if want_last and at + n == len(rows):
                 batch.logits[n - 1] = 1
-            if non_causal:
-                self._ll.llama_set_causal_attn(self._ctx, False)
-            try:
-                self._decode(batch, n)
-            finally:
-                if non_causal:
-                    self._ll.llama_set_causal_attn(self._ctx, True)
+            self._decode(batch, n)
 
     def _decode(self, batch, n):
         batch.struct.n_tokens = n
         rc = self._ll.llama_decode(self._ctx, batch.struct)
+        if rc == 1 and self._prefixes.seqs_in_use() and self._owner is not None and \
+                self._owner.length:
+            # No free cells while answering: the kept prefixes give theirs back.
+            self._drop_prefixes()
+            rc = self._ll.llama_decode(self._ctx, batch.struct)
         if rc != 0:
             reason = recent_errors() or f'llama_decode returned {rc}'
             if rc == 1:
@@ -369,7 +429,7 @@ class LlamaCppDecoder:
             raise PromptTooLongError(f'the answer reached the {self.context_length}-token '
                                      'context')
         batch = self._tokens
-        batch.token[:rows] = ids
+        batch.input[:rows] = ids
         batch.pos[:rows] = session.length
         batch.set_seqs(rows, session.seqs)
         batch.logits[:rows] = 1
@@ -456,12 +516,6 @@ class LlamaCppDecoder:
             L.llama_model_free(self._model)
             self._model = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: B902 -- interpreter shutdown may have torn llama_cpp down
-            pass
-
 
 class _Batch:
     """A llama_batch with numpy views of its arrays, allocated once and reused."""
@@ -471,10 +525,11 @@ class _Batch:
         self.struct = L.llama_batch_init(capacity, n_embd, 1)
         s = self.struct
         self.capacity = capacity
+        # What the batch carries: embeddings [capacity, n_embd] or token ids [capacity].
         if n_embd:
-            self.embd = np.ctypeslib.as_array(s.embd, shape=(capacity, n_embd))
+            self.input = np.ctypeslib.as_array(s.embd, shape=(capacity, n_embd))
         else:
-            self.token = np.ctypeslib.as_array(s.token, shape=(capacity,))
+            self.input = np.ctypeslib.as_array(s.token, shape=(capacity,))
         self.pos = np.ctypeslib.as_array(s.pos, shape=(capacity,))
         self.logits = np.ctypeslib.as_array(s.logits, shape=(capacity,))
         n_seq = np.ctypeslib.as_array(s.n_seq_id, shape=(capacity,))
@@ -508,6 +563,8 @@ class LlamaCppSession(DecoderSession):
         self.d = decoder
         self.length = 0
         self.seqs = [0]
+        self.prompt_keys = np.zeros(0, dtype=np.int64)
+        self.cached_tokens = 0
 
     @property
     def rows(self):
@@ -521,3 +578,50 @@ class LlamaCppSession(DecoderSession):
     def select(self, rows):
         """Make row i a copy of old row ``rows[i]`` (KV cells shared, not copied)."""
         self.d._select(self, rows)
+
+
+class _Prefixes:
+    """Which kept prefix lives in which sequence id, and which was used last."""
+
+    def __init__(self, seqs):
+        self.seqs = seqs
+        self._keys = {}
+        self._used = {}
+        self._clock = 0
+
+    def best(self, keys):
+        """Return (prefix length, sequence) of the longest kept prefix of ``keys``."""
+        best, best_seq = 0, None
+        for seq, kept in self._keys.items():
+            # At least the last prompt position is decoded again: its logits are needed.
+            n = min(common_prefix(kept, keys), len(keys) - 1)
+            if n > best:
+                best, best_seq = n, seq
+        if best_seq is not None:
+            self._touch(best_seq)
+        return best, best_seq
+
+    def slot_for(self, keys):
+        """Return the sequence to store ``keys`` in: one it extends, a free one, or the LRU."""
+        for seq, kept in self._keys.items():
+            if common_prefix(kept, keys) == len(kept):
+                return seq
+        free = [s for s in self.seqs if s not in self._keys]
+        if free:
+            return free[0]
+        return min(self._keys, key=self._used.get)
+
+    def store(self, seq, keys):
+        self._keys[seq] = keys
+        self._touch(seq)
+
+    def seqs_in_use(self):
+        return list(self._keys)
+
+    def clear(self):
+        self._keys.clear()
+        self._used.clear()
+
+    def _touch(self, seq):
+        self._clock += 1
+        self._used[seq] = self._clock

@@ -3,22 +3,25 @@ llama.cpp's own multimodal projector (an mmproj GGUF through libmtmd) as the ima
 
 ``MtmdImageEncoder`` takes the rendered prompt text, one media marker per image, and RGB
 images; libmtmd preprocesses and tiles the images, lays out the prompt's tokens around them
-(tile markers included) and runs the projector. The result is the same kind of request the
-model families produce -- ``input_ids`` with ``image_token_id`` where features go, and the
-features -- so it is prefilled by ``LlamaCppDecoder.start`` like ONNX features are, and
-decoded token by token by the same ``LlamaCppSession``.
+(tile markers included) and runs the projector. ``MtmdVision`` is the pipeline's vision stage
+over it: the request it returns has ``input_ids`` with ``image_token_id`` where features go,
+like a model family's, so it is prefilled by ``LlamaCppDecoder.start`` like ONNX features
+are, and decoded token by token by the same ``LlamaCppSession``.
 """
 
 import ctypes
 from dataclasses import dataclass
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vlm_ros.engine import gguf_file
+from vlm_ros.engine.datatypes import PreparedRequest
 from vlm_ros.engine.errors import (BackendError, ImageError, ModelFilesError,
                                    ModelMismatchError, UnsupportedModelError)
-from vlm_ros.engine.runtimes import gguf_file, llamacpp
+from vlm_ros.engine.runtimes import llamacpp
+from vlm_ros.engine.runtimes.native import NativeResource
 
 # Placeholders some vocabularies use for image positions, tried when none is given.
 _IMAGE_TOKENS = ('<image>', '<IMG_CONTEXT>', '<|image_pad|>', '<image_soft_token>',
@@ -42,18 +45,15 @@ class MtmdRequest:
     """float32 [image tokens, hidden] in prompt order, or None without images."""
     image_token_id: int
     num_image_tokens: int
-    non_causal: bool = False
-    """The projector wants image positions to attend both ways (see ``start``)."""
 
 
-class MtmdImageEncoder:
+class MtmdImageEncoder(NativeResource):
     """
     An mmproj GGUF bound to a ``LlamaCppDecoder`` (libmtmd needs the text model).
 
-    ``prepare(prompt, images)`` returns an ``MtmdRequest``; ``start(prompt, images)`` also
-    prefills the decoder and returns ``(session, logits [1, vocab])`` like
-    ``LlamaCppDecoder.start``. ``marker`` is the text that stands for an image in the prompt
-    (``prepare`` can substitute a family's own placeholder, e.g. ``<image>``, for it).
+    ``prepare(prompt, images)`` returns an ``MtmdRequest``. ``marker`` is the text that
+    stands for an image in the prompt (``prepare`` can substitute a family's own
+    placeholder, e.g. ``<image>``, for it).
     """
 
     def __init__(self, mmproj_path, decoder: 'llamacpp.LlamaCppDecoder', n_threads: int = 0,
@@ -77,7 +77,8 @@ class MtmdImageEncoder:
         M.mtmd_log_set(llamacpp.log_callback(), None)
         M.mtmd_helper_log_set(llamacpp.log_callback(), None)
         params = M.mtmd_context_params_default()
-        params.use_gpu = False
+        # The projector goes to the GPU when the language model's layers do.
+        params.use_gpu = decoder.n_gpu_layers != 0
         params.print_timings = False
         params.warmup = warmup
         params.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
@@ -167,7 +168,6 @@ class MtmdImageEncoder:
         width = self.decoder.hidden_size
         ids: List[np.ndarray] = []
         features: List[np.ndarray] = []
-        non_causal = False
         for i in range(M.mtmd_input_chunks_size(chunks)):
             chunk = M.mtmd_input_chunks_get(chunks, i)
             kind = M.mtmd_input_chunk_get_type(chunk)
@@ -180,7 +180,11 @@ class MtmdImageEncoder:
             if int(M.mtmd_input_chunk_get_n_pos(chunk)) != n:
                 raise UnsupportedModelError(f'{self.projector_type} images use '
                                             'positions unlike tokens (not supported)')
-            non_causal = non_causal or bool(M.mtmd_decode_use_non_causal(self._ctx, chunk))
+            if M.mtmd_decode_use_non_causal(self._ctx, chunk):
+                # LlamaCppDecoder prefills every position causally.
+                raise UnsupportedModelError(
+                    f'the {self.projector_type} projector needs non-causal image attention, '
+                    'which this engine does not feed')
             llamacpp.log_mark()
             rc = M.mtmd_encode_chunk(self._ctx, chunk)
             if rc != 0:
@@ -195,7 +199,7 @@ class MtmdImageEncoder:
         input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         stacked = np.concatenate(features) if features else None
         return MtmdRequest(input_ids, stacked, self.image_token_id,
-                           0 if stacked is None else len(stacked), non_causal)
+                           0 if stacked is None else len(stacked))
 
     def _text_ids(self, chunk):
         M = self._m
@@ -213,51 +217,34 @@ class MtmdImageEncoder:
             ids = np.array([t for part in parts for t in part], dtype=np.int64)
         return ids
 
-    def start(self, prompt: str, images: Sequence[np.ndarray],
-              image_placeholder: Optional[str] = None, add_special: bool = False):
-        """Prepare and prefill: returns ``(request, session, logits [1, vocab])``."""
-        request = self.prepare(prompt, images, image_placeholder, add_special)
-        session, logits = self.decoder.start(request.input_ids, request.features,
-                                             request.image_token_id,
-                                             non_causal_images=request.non_causal)
-        return request, session, logits
-
     def close(self):
         """Free libmtmd's context (also done when garbage collected)."""
         if self._ctx:
             self._m.mtmd_free(self._ctx)
             self._ctx = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: B902 -- interpreter shutdown may have torn ctypes down
-            pass
-
 
 class MtmdVision:
     """
-    The pipeline's vision stage for libmtmd: lays out the prompt around the image and encodes.
+    The pipeline's vision stage for libmtmd: lays out the prompt around the images and encodes.
 
     A family such as GgufChatFamily renders the prompt with a placeholder per image and leaves
     ``input_ids`` empty; this fills them in, because libmtmd decides how many tokens (and tile
     markers) each image takes.
     """
 
+    encodes_per_image = False
+    """libmtmd encodes the prompt's images itself, in one layout pass."""
+
     def __init__(self, encoder: MtmdImageEncoder, placeholder: str = '<image>'):
         self.encoder = encoder
         self.placeholder = placeholder
 
-    def encode_prompt(self, request):
-        """Return ``(request with input_ids, features or None)``."""
-        from vlm_ros.engine.families.base import PreparedRequest
-        image = request.vision_inputs.get('image')
-        laid_out = self.encoder.prepare(request.prompt_text, [] if image is None else [image],
+    def encode(self, request: PreparedRequest
+               ) -> Tuple[PreparedRequest, Optional[np.ndarray]]:
+        """Lay the prompt out and encode: ``(request with input_ids, features or None)``."""
+        laid_out = self.encoder.prepare(request.prompt_text, request.images,
                                         image_placeholder=self.placeholder)
-        if laid_out.non_causal:
-            raise UnsupportedModelError(
-                f'the {self.encoder.projector_type} projector needs non-causal image '
-                'attention, which this pipeline does not use yet')
         done = PreparedRequest(laid_out.input_ids, {}, laid_out.image_token_id,
-                               laid_out.num_image_tokens, request.prompt_text)
+                               laid_out.num_image_tokens, request.prompt_text, request.images)
         return done, laid_out.features

@@ -7,13 +7,16 @@ are read from the graphs, never assumed. The KV cache stays in ONNX Runtime's ow
 between steps (``run_with_ort_values``), so a decode step copies only the logits out.
 """
 
+import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vlm_ros.engine.errors import (ModelFilesError, ModelMismatchError, PromptTooLongError,
-                                   UnsupportedModelError)
+from vlm_ros.engine.caches import common_prefix, prefix_keys
+from vlm_ros.engine.datatypes import PreparedRequest
+from vlm_ros.engine.errors import (Cancelled, ModelFilesError, ModelMismatchError,
+                                   PromptTooLongError, UnsupportedModelError)
 from vlm_ros.engine.generation import DecoderSession
 
 _ORT_TYPES = {
@@ -25,7 +28,10 @@ _ORT_TYPES = {
     'tensor(bool)': np.bool_,
     'tensor(uint8)': np.uint8,
 }
+_LOG = logging.getLogger('vlm_ros.onnx')
 PAST_PREFIX = 'past_key_values.'
+PREFILL_CHUNK = 512
+"""Prompt positions per decoder run (llama.cpp's default batch size too)."""
 
 
 def _ort():
@@ -70,6 +76,11 @@ class SessionOptions:
             options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         available = set(ort.get_available_providers())
         providers = [p for p in self.providers if p in available] or ['CPUExecutionProvider']
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            _LOG.warning('ONNX Runtime execution providers %s are not available in this '
+                         'onnxruntime build (it has %s); %s uses %s', missing,
+                         sorted(available), os.path.basename(path), providers)
         try:
             return ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
@@ -108,16 +119,17 @@ class GraphIO:
 
 class OnnxVisionEncoder:
     """
-    Runs a vision encoder graph on a family's ``vision_inputs``.
+    The vision stage on ONNX Runtime: runs a vision encoder graph on a family's inputs.
 
-    Frames (tiles) go through the graph ``frames_per_run`` at a time: its activations grow
-    with the frames it sees at once (SmolVLM2's SigLIP at 17 tiles: 4.7 GB peak RSS in one
-    run, 1.05 GB tile by tile) and the features are the same.
+    Frames (tiles) go through the graph one at a time: its activations grow with the frames
+    it sees at once (SmolVLM2's SigLIP at 17 tiles: 4.7 GB peak RSS in one run, 1.05 GB tile
+    by tile) and the features are the same.
     """
 
-    def __init__(self, path, options: SessionOptions, hidden_size: int,
-                 frames_per_run: int = 1):
-        self.frames_per_run = max(1, frames_per_run)
+    encodes_per_image = True
+    """Features come image by image (``PreparedRequest.image_features``): a cache can hold them."""
+
+    def __init__(self, path, options: SessionOptions, hidden_size: int):
         self.session = options.create(path, mem_pattern=False, spinning=False)
         self.io = GraphIO(self.session, path)
         if not self.io.inputs:
@@ -130,8 +142,26 @@ class OnnxVisionEncoder:
                 f'language model expects {hidden_size} (files from different models?)')
         self.hidden_size = hidden_size
 
-    def encode(self, vision_inputs: Dict[str, np.ndarray]) -> np.ndarray:
-        """Return float32 features [tokens, hidden] for the image(s)."""
+    def encode(self, request: PreparedRequest
+               ) -> Tuple[PreparedRequest, Optional[np.ndarray]]:
+        """
+        Encode the request's images: ``(request, features [tokens, hidden] or None)``.
+
+        Images whose features the request already holds (``image_features``, from a cache)
+        are not encoded again; the others are, one image at a time, and their features are
+        filled into ``request.image_features``.
+        """
+        if not request.image_inputs:  # a request laid out without per-image inputs
+            return request, self.run(request.vision_inputs) if request.vision_inputs else None
+        known = list(request.image_features) or [None] * len(request.image_inputs)
+        for i, inputs in enumerate(request.image_inputs):
+            if known[i] is None:
+                known[i] = self.run(inputs)
+        request.image_features = known
+        return request, np.concatenate(known) if known else None
+
+    def run(self, vision_inputs: Dict[str, np.ndarray]) -> np.ndarray:
+        """Return float32 features [tokens, hidden] for a family's ``vision_inputs``."""
         unknown = sorted(set(self.io.inputs) - set(vision_inputs))
         if unknown:
             raise UnsupportedModelError(
@@ -144,13 +174,12 @@ class OnnxVisionEncoder:
         pixels = feed.get('pixel_values')
         axis = {5: 1, 4: 0}.get(getattr(pixels, 'ndim', 0))
         count = pixels.shape[axis] if axis is not None else 0
-        step = self.frames_per_run
-        if axis is None or count <= step or any(
+        if axis is None or count <= 1 or any(
                 v.ndim <= axis or v.shape[axis] != count for v in feed.values()):
             return self._run(feed)
         parts = []
-        for start in range(0, count, step):
-            index = (slice(None),) * axis + (slice(start, start + step),)
+        for frame in range(count):
+            index = (slice(None),) * axis + (slice(frame, frame + 1),)
             parts.append(self._run({n: np.ascontiguousarray(v[index]) for n, v in feed.items()}))
         return np.concatenate(parts)
 
@@ -161,13 +190,21 @@ class OnnxVisionEncoder:
 
 
 class OnnxDecoder:
-    """Token embedder plus merged KV-cache decoder; one instance serves many requests."""
+    """
+    Token embedder plus merged KV-cache decoder; one instance serves many requests.
+
+    ``kv_cache_slots`` > 0 keeps the KV cache of that many recent sequences (prompt and
+    answer, stored by ``keep``); ``start`` begins from the longest prefix one of them shares
+    with the new prompt (its cache cut to that length) and prefills only the rest.
+    """
 
     KNOWN_INPUTS = {'inputs_embeds', 'attention_mask', 'position_ids', 'num_logits_to_keep',
                     'logits_to_keep', 'use_cache_branch'}
 
     def __init__(self, embed_path, decoder_path, options: SessionOptions, *, hidden_size,
-                 num_layers, context_length):
+                 num_layers, context_length, kv_cache_slots: int = 0):
+        self.kv_cache_slots = max(0, int(kv_cache_slots))
+        self._kept: List[Tuple[np.ndarray, list]] = []  # (keys, past), most recent last
         # A row lookup (Gather, and DequantizeLinear of the rows in int8 exports): a thread
         # pool would only add hand-offs, and spin between the decoder's steps.
         self.embed = options.create(embed_path, n_threads=1)
@@ -221,8 +258,14 @@ class OnnxDecoder:
         out = self.embed.run(None, {'input_ids': ids})[0]
         return out[0].astype(self.embeds_dtype, copy=False)
 
-    def start(self, input_ids, image_features=None, image_token_id=None):
-        """Prefill the prompt; returns (session, logits [1, vocab] of the last position)."""
+    def start(self, input_ids, image_features=None, image_token_id=None, should_stop=None):
+        """
+        Prefill the prompt; returns (session, logits [1, vocab] of the last position).
+
+        A prompt longer than PREFILL_CHUNK positions runs in chunks of that many (its
+        activations stay bounded); ``should_stop`` is polled between them and ``Cancelled``
+        raised when it returns True.
+        """
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         if ids.size + 1 > self.context_length:
             raise PromptTooLongError(
@@ -239,7 +282,41 @@ class OnnxDecoder:
             embeds = embeds.copy()
             embeds[slots] = image_features.astype(embeds.dtype, copy=False)
         session = OnnxDecoderSession(self)
-        return session, session.prefill(embeds)
+        session.prompt_keys = keys = prefix_keys(ids, image_features, image_token_id)
+        done, past = self._longest_kept(keys)
+        if done:
+            # The kept cache cut to the shared prefix: a copy, the kept one stays whole.
+            to_ort = _ort().OrtValue.ortvalue_from_numpy
+            session.past = [to_ort(np.ascontiguousarray(v.numpy()[:, :, :done])) for v in past]
+            session.length = session.cached_tokens = done
+        return session, session.prefill(embeds[done:], should_stop)
+
+    def _longest_kept(self, keys):
+        """Return (prefix length, past) of the kept sequence sharing most of ``keys``."""
+        # At least the last prompt position is run again: its logits are needed.
+        lengths = [min(common_prefix(kept, keys), len(keys) - 1) for kept, _ in self._kept]
+        if not lengths or max(lengths) <= 0:
+            return 0, None
+        best = int(np.argmax(lengths))
+        entry = self._kept.pop(best)
+        self._kept.append(entry)  # most recently used last
+        return lengths[best], entry[1]
+
+    def keep(self, session, token_ids):
+        """Keep the KV cache of ``session`` (prompt and the answer fed so far) for later."""
+        if not self.kv_cache_slots or session.rows != 1:
+            return
+        fed = session.length - len(session.prompt_keys)
+        keys = np.concatenate([session.prompt_keys,
+                               np.asarray(token_ids[:fed], dtype=np.int64)])
+        # A prefix this one extends is no longer needed.
+        self._kept = [(k, p) for k, p in self._kept if common_prefix(k, keys) < len(k)]
+        self._kept.append((keys, session.past))
+        del self._kept[:-self.kv_cache_slots]
+
+    def clear_kept(self):
+        """Forget every kept prefix."""
+        self._kept = []
 
 
 class OnnxDecoderSession(DecoderSession):
@@ -249,6 +326,8 @@ class OnnxDecoderSession(DecoderSession):
         self.d = decoder
         self.rows = 1
         self.length = 0
+        self.cached_tokens = 0
+        self.prompt_keys = np.zeros(0, dtype=np.int64)
         ort = _ort()
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), dtype=decoder.kv_dtype)
@@ -282,9 +361,13 @@ class OnnxDecoderSession(DecoderSession):
         logits = outputs[0].numpy()
         return np.asarray(logits[:, -1, :], dtype=np.float32)
 
-    def prefill(self, embeds):
-        """Run the whole prompt; returns logits [1, vocab]."""
-        return self._run(embeds[None])
+    def prefill(self, embeds, should_stop=None):
+        """Run the prompt, PREFILL_CHUNK positions at a time; returns logits [1, vocab]."""
+        for at in range(0, len(embeds), PREFILL_CHUNK):
+            if at and should_stop is not None and should_stop():
+                raise Cancelled('cancelled while prefilling the prompt')
+            logits = self._run(embeds[None, at:at + PREFILL_CHUNK])
+        return logits
 
     def step(self, token_ids):
         """Feed one token per row; returns logits [rows, vocab]."""

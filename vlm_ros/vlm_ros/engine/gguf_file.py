@@ -7,6 +7,7 @@ them, about a second for a 49k vocabulary). Dequantizing rows is gguf-py's, the 
 project's own reader, which knows every block format llama.cpp writes.
 """
 
+import logging
 import os
 import struct
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -15,6 +16,7 @@ import numpy as np
 
 from vlm_ros.engine.errors import ModelFilesError
 
+_LOG = logging.getLogger('vlm_ros.gguf_file')
 MAGIC = b'GGUF'
 _SCALAR = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q',
            12: 'd'}
@@ -163,12 +165,38 @@ class TensorRows:
             rows = cls(path, name, info)
             rows([0])  # gguf-py raises NotImplementedError for block formats it cannot read
             return rows
-        except (ImportError, KeyError, ValueError, NotImplementedError):
+        except (ImportError, KeyError, ValueError, NotImplementedError) as exc:
+            _LOG.warning('cannot read %s rows of %s (%s: %s); llama.cpp gets the prompt as '
+                         'token runs instead', name, os.path.basename(path),
+                         type(exc).__name__, exc)
             return None
 
     def __call__(self, indices) -> np.ndarray:
         """Return rows ``indices`` as float32 [len(indices), width]."""
-        from gguf.quants import dequantize
-
         raw = np.asarray(self._rows[np.asarray(indices, dtype=np.int64)])
+        own = _DEQUANTIZE.get(self.qtype.name)
+        if own is not None:
+            return own(raw).reshape(-1, self.width)
+        from gguf.quants import dequantize
         return np.array(dequantize(raw, self.qtype), dtype=np.float32).reshape(-1, self.width)
+
+
+# Q8_0 and Q4_0 in numpy, as ggml lays them out (per 32 values: a float16 scale, then 32
+# int8, or 16 bytes of 4-bit pairs, low nibbles first, offset 8). gguf-py's own readers of
+# these two view a non-contiguous slice as float16, which numpy before 1.23 refuses (Ubuntu
+# 22.04 / Humble robots run 1.21-1.26); the result is the same, value for value.
+def _q8_0(raw):
+    blocks = raw.reshape(-1, 34)
+    scale = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
+    return scale * np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float32)
+
+
+def _q4_0(raw):
+    blocks = raw.reshape(-1, 18)
+    scale = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
+    packed = blocks[:, 2:]
+    values = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32) - 8.0
+    return scale * values
+
+
+_DEQUANTIZE = {'Q8_0': _q8_0, 'Q4_0': _q4_0}

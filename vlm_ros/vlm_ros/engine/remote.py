@@ -1,13 +1,14 @@
 """
-A remote OpenAI-compatible server (vLLM, llama.cpp's servers, ...) behind the engine's API.
+A remote OpenAI-compatible server (vLLM, llama.cpp's servers, ...) as an ``Answerer``.
 
-``RemoteRuntime.generate`` takes what ``Pipeline.generate`` takes and returns the same
-``Result``, so the ROS node and library callers use a server like a local model. One request
-is one streamed ``POST {url}/chat/completions``:
+``RemoteClient`` is a peer of the local ``Pipeline``: it takes what ``Pipeline.generate``
+takes and returns the same ``Result``, so the ROS node and library callers use a server like
+a local model. One request is one streamed ``POST {url}/chat/completions``:
 
-* the image (anything ``images.to_rgb`` reads) is downscaled to ``image_max_side`` keeping
+* each image (anything ``images.to_rgb`` reads) is downscaled to ``image_max_side`` keeping
   its aspect ratio and re-encoded once as a ``data:image/jpeg;base64,...`` URL (or PNG);
-* the user message is ``[image_url part, text part]``, the system prompt a system message;
+* the user message is ``[image_url parts..., text part]``, the system prompt a system
+  message, earlier turns (``history``) plain user / assistant messages before it;
 * ``max_new_tokens`` -> ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``
   as in the OpenAI API; ``top_k``, ``repetition_penalty`` (also as llama.cpp's
   ``repeat_penalty``), ``min_new_tokens`` -> ``min_tokens`` and ``ignore_eos`` as vLLM's
@@ -46,14 +47,13 @@ import urllib.parse
 import httpx
 from PIL import Image
 
+from vlm_ros.engine.answerer import Answerer
 from vlm_ros.engine.datatypes import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP,
-                                      GenerationConfig, Result, Timings)
+                                      GenerationConfig, ImageOptions, Result, Timings)
 from vlm_ros.engine.errors import (GenerationError, ImageError, RemoteConfigError, RemoteError,
                                    RemoteRequestError, RemoteServerError, RemoteStreamError,
                                    RemoteTimeoutError, RemoteUnreachableError)
-from vlm_ros.engine.families.base import ImageOptions
 from vlm_ros.engine.images import to_rgb
-from vlm_ros.engine.pipeline import Pipeline
 
 _LOG = logging.getLogger('vlm_ros.remote')
 IMAGE_FORMATS = {'jpeg': ('JPEG', 'image/jpeg'), 'png': ('PNG', 'image/png')}
@@ -90,7 +90,7 @@ def check_remote_settings(url, model, api_key_env=''):
     return parsed.geturl().rstrip('/')
 
 
-class RemoteRuntime:
+class RemoteClient(Answerer):
     """
     Answers through an OpenAI-compatible ``/chat/completions`` endpoint, like a Pipeline.
 
@@ -136,24 +136,22 @@ class RemoteRuntime:
 
     def __repr__(self):
         key = f', api key from ${self.api_key_env}' if self.api_key_env else ''
-        return f'RemoteRuntime({self.endpoint}, model={self.model!r}{key})'
-
-    # Pipeline's input handling, unchanged: both only call self.generate.
-    __call__ = Pipeline.__call__
-    stream = Pipeline.stream
+        return f'RemoteClient({self.endpoint}, model={self.model!r}{key})'
 
     def close(self):
         """Close the HTTP client (cancel a running request first, through should_stop)."""
         self._client.close()
 
-    def generate(self, image=None, prompt='', system_prompt='', *,
+    def generate(self, images=None, prompt='', system_prompt='', *, history=(),
                  on_text: Optional[Callable[[str], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None,
+                 on_phase: Optional[Callable[[str], None]] = None,
+                 on_token: Optional[Callable[[int], None]] = None,
                  image_options: Optional[ImageOptions] = None, **overrides) -> Result:
         """
-        Answer ``prompt`` about ``image`` (array, PIL image, path or encoded bytes, or None).
+        Answer ``prompt`` about ``images`` (None, one image or a list of them).
 
-        Same contract as ``Pipeline.generate``: ``on_text`` receives text as it arrives;
+        Same contract as ``Answerer.generate``: ``on_text`` receives text as it arrives;
         ``should_stop`` is polled between chunks, and every STOP_POLL_S from a watchdog
         thread while the server is silent; when it returns True the stream is closed and
         the answer ends with finish_reason ``cancelled``. ``image_options`` is accepted for
@@ -161,8 +159,17 @@ class RemoteRuntime:
         """
         config = self.defaults.replace(**overrides).validate()
         body = self.request_body(config)
+        turns = list(history or ())
+        if len(turns) % 2:
+            raise GenerationError('history must alternate user and assistant turns, ending '
+                                  f'with an assistant turn (got {len(turns)} turns)')
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
         with self._lock:
-            return self._generate(image, prompt, system_prompt, body, on_text,
+            return self._generate(images, prompt, system_prompt, turns, body,
+                                  _Progress(on_text, on_phase, on_token),
                                   should_stop or (lambda: False))
 
     # Request ----------------------------------------------------------------------------
@@ -193,16 +200,23 @@ class RemoteRuntime:
         body.update(self.extra_body)
         return body
 
-    def messages(self, image_url, prompt, system_prompt=''):
-        """Build the chat messages: optional system message, then [image, text] from the user."""
+    def messages(self, image_urls, prompt, system_prompt='', history=()):
+        """Build the chat messages: system, earlier turns, then [images..., text] from the user."""
         messages = []
         if system_prompt:
             # A plain string: every server takes it (llama-cpp-python's rejects a list of
             # parts for the system role); vLLM adapts it to templates that want parts.
             messages.append({'role': 'system', 'content': system_prompt})
-        content = []
-        if image_url is not None:
-            content.append({'type': 'image_url', 'image_url': {'url': image_url}})
+        for i, turn in enumerate(history):
+            role = 'user' if i % 2 == 0 else 'assistant'
+            if isinstance(turn, dict):  # a user turn that showed images
+                parts = [{'type': 'image_url', 'image_url': {'url': self.encode_image(image)}}
+                         for image in turn.get('images') or ()]
+                parts.append({'type': 'text', 'text': turn.get('text', '')})
+                messages.append({'role': role, 'content': parts})
+            else:
+                messages.append({'role': role, 'content': turn})
+        content = [{'type': 'image_url', 'image_url': {'url': url}} for url in image_urls]
         content.append({'type': 'text', 'text': prompt})
         messages.append({'role': 'user', 'content': content})
         return messages
@@ -227,12 +241,14 @@ class RemoteRuntime:
         return f'data:{mime};base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
 
     # One request ------------------------------------------------------------------------
-    def _generate(self, image, prompt, system_prompt, body, on_text, should_stop):
+    def _generate(self, images, prompt, system_prompt, history, body, progress, should_stop):
         timings = Timings()
         start = time.perf_counter()
-        image_url = self.encode_image(image) if image is not None else None
-        body = dict(body, messages=self.messages(image_url, prompt, system_prompt))
+        progress.phase('preprocess')
+        image_urls = [self.encode_image(image) for image in images]
+        body = dict(body, messages=self.messages(image_urls, prompt, system_prompt, history))
         timings.preprocess_ms = _ms(start)
+        progress.phase('prefill')  # the server's vision and prefill, as far as we can tell
         sent = time.perf_counter()
         answer = _Answer()
         connections = []  # the request's TCP streams, from httpcore's trace hook
@@ -247,7 +263,7 @@ class RemoteRuntime:
             elif response.status_code >= 400:
                 self._raise_for_status(response)
             else:
-                self._read(response, answer, on_text, should_stop)
+                self._read(response, answer, progress, should_stop)
         except RemoteError:
             if not stopped.is_set():
                 raise
@@ -264,15 +280,15 @@ class RemoteRuntime:
         timings.total_ms = (end - start) * 1000.0
         return Result(text=''.join(answer.parts), finish_reason=answer.finish_reason,
                       prompt_tokens=answer.prompt_tokens, timings=timings,
-                      completion_token_count=answer.completion_tokens)
+                      completion_token_count=answer.completion_tokens, backend='remote')
 
-    def _read(self, response, answer, on_text, should_stop):
+    def _read(self, response, answer, progress, should_stop):
         kind = response.headers.get('content-type', '')
         if 'text/event-stream' in kind:
-            self._read_stream(response, answer, on_text, should_stop)
+            self._read_stream(response, answer, progress, should_stop)
         elif 'json' in kind:
             # A server that ignores ``stream`` answers in one piece; take it as such.
-            self._read_json(response, answer, on_text)
+            self._read_json(response, answer, progress)
         else:
             raise RemoteStreamError(
                 f'{self.endpoint} answered with content type {kind!r}, neither an event '
@@ -327,15 +343,17 @@ class RemoteRuntime:
         raise kind(f'{self.endpoint} answered HTTP {status}: {message}', self.url, status,
                    message)
 
-    def _read_stream(self, response, answer, on_text, should_stop):
+    def _read_stream(self, response, answer, progress, should_stop):
         data = []
         try:
             for line in response.iter_lines():
+                # httpx before 0.23 (Ubuntu 22.04's 0.22) keeps the line ending.
+                line = line.rstrip('\r\n')
                 if should_stop():
                     answer.finish_reason = FINISH_CANCELLED
                     return
                 if line == '':  # a blank line ends an event
-                    if data and self._on_event('\n'.join(data), answer, on_text):
+                    if data and self._on_event('\n'.join(data), answer, progress):
                         return
                     data = []
                     continue
@@ -344,7 +362,7 @@ class RemoteRuntime:
                 field, _, value = line.partition(':')
                 if field == 'data':
                     data.append(value[1:] if value.startswith(' ') else value)
-            if data and self._on_event('\n'.join(data), answer, on_text):
+            if data and self._on_event('\n'.join(data), answer, progress):
                 return
         except httpx.TimeoutException as exc:
             raise RemoteTimeoutError(
@@ -359,7 +377,7 @@ class RemoteRuntime:
             f'the answer stream from {self.url} ended without [DONE] after {answer.events} '
             f'events and {got} (server crashed or connection dropped)', self.url)
 
-    def _on_event(self, data, answer, on_text):
+    def _on_event(self, data, answer, progress):
         """Take one event's data; returns True at ``[DONE]``."""
         if data.strip() == '[DONE]':
             if answer.finish_reason is None:
@@ -391,15 +409,16 @@ class RemoteRuntime:
                 answer.chunks += 1
                 if answer.first_token_at is None:
                     answer.first_token_at = time.perf_counter()
+                    progress.phase('decode')
                 if text:
                     answer.parts.append(text)
-                    if on_text is not None:
-                        on_text(text)
+                    progress(text)
+                progress.token(answer.chunks)
             if choice.get('finish_reason'):
                 answer.finish_reason = _finish(choice['finish_reason'])
         return False
 
-    def _read_json(self, response, answer, on_text):
+    def _read_json(self, response, answer, progress):
         try:
             response.read()
             event = response.json()
@@ -415,11 +434,32 @@ class RemoteRuntime:
             raise RemoteStreamError(f'{self.url} sent a malformed answer: '
                                     f'{_clip(response.text)!r}', self.url) from None
         answer.first_token_at = time.perf_counter()
+        progress.phase('decode')
         answer.parts.append(text)
         answer.finish_reason = _finish(choice.get('finish_reason') or 'stop')
         answer.take_usage(event.get('usage'))
-        if text and on_text is not None:
-            on_text(text)
+        if text:
+            progress(text)
+        progress.token(answer.completion_tokens)
+
+
+class _Progress:
+    """The caller's progress callbacks in one object, each optional."""
+
+    def __init__(self, on_text, on_phase, on_token):
+        self._text, self._phase, self._token = on_text, on_phase, on_token
+
+    def __call__(self, text):
+        if self._text is not None:
+            self._text(text)
+
+    def phase(self, name):
+        if self._phase is not None:
+            self._phase(name)
+
+    def token(self, count):
+        if self._token is not None:
+            self._token(count)
 
 
 class _Answer:
