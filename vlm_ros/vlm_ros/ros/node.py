@@ -1,88 +1,122 @@
 """
-The ``vlm_node`` lifecycle node.
+The ``vlm_node`` lifecycle node: a thin ROS adapter over the engine's ``Answerer``.
 
-configure checks parameters and model files; activate creates the runtime sessions and
-starts taking work; deactivate cancels in-flight work within a bounded time and frees the
-sessions; cleanup drops the rest. Work from every source (the local file, topics, the
-``~/query`` service) goes through one bounded queue to one worker, because the model already
-uses every core.
+configure resolves the model (files checked, nothing loaded); activate builds the runtime
+sessions (or a remote client) from that spec and starts taking work; deactivate cancels
+in-flight work within a bounded time and frees the sessions; cleanup drops the rest. Work
+from every source (the local file, topics, the ``~/query`` service) goes through one bounded
+queue to one worker, because the model already uses every core. Message conversions live in
+``messages``; parameters in ``params``.
 """
 
+import contextlib
 import gc
 import os
 import pathlib
+import signal
 import sys
 import threading
+import time
 
+from diagnostic_msgs.msg import DiagnosticArray
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node, State, TransitionCallbackReturn
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
-from vlm_ros.engine.datatypes import FINISH_CANCELLED, FINISH_ERROR
-from vlm_ros.engine.errors import VlmError
-from vlm_ros.engine.families.base import ImageOptions
-from vlm_ros.ros import image_conversion, model_loader, params
-from vlm_ros.ros.request_queue import Busy, Closed, Job, RequestQueue
+from vlm_ros.engine.datatypes import FINISH_CANCELLED, ImageOptions
+from vlm_ros.engine.errors import RemoteUnreachableError, VlmError
+from vlm_ros.engine.fallback import FallbackAnswerer
+from vlm_ros.engine.families import registry
+from vlm_ros.engine.loader import build
+from vlm_ros.engine.model_spec import resolve, resolve_remote
+from vlm_ros.ros import diagnostics, messages, params
+from vlm_ros.ros.generate_action import GenerateAction
+from vlm_ros.ros.messages import Answer, NOT_ACTIVE
+from vlm_ros.ros.request_queue import Busy, Cancelled, Closed, Job, RequestQueue
 from vlm_ros_interfaces.msg import Result as ResultMsg
 from vlm_ros_interfaces.srv import Query
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.pgm', '.ppm'}
 DEACTIVATE_GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 3.0
+# Requests DDS keeps for the service and prompts for the subscription until an executor
+# thread takes them: deep enough for every caller a burst can bring, so none is dropped
+# unseen; callers beyond queue_size are then answered "busy" at once.
+REQUEST_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+MAX_EXECUTOR_THREADS = 32
+RESULT_DEPTH = 100
 
 
-class Answer:
-    """What the worker hands back for one request."""
-
-    def __init__(self, result=None, error='', finish_reason=FINISH_ERROR, text=''):
-        self.result = result
-        self.error = error
-        self.finish_reason = result.finish_reason if result is not None else finish_reason
-        self.text = result.text if result is not None else text
-
-    @property
-    def success(self):
-        """Tell whether the model answered (to completion, a stop, or its token limit)."""
-        return not self.error
+def share_dir() -> pathlib.Path:
+    """Return the installed share/vlm_ros folder (bundled model, sample image, configs)."""
+    from ament_index_python.packages import get_package_share_directory
+    return pathlib.Path(get_package_share_directory('vlm_ros'))
 
 
 class VlmNode(Node):
     """Answers questions about images; runtime sessions exist only while active."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, exit_event: threading.Event = None, **kwargs):
         super().__init__('vlm_node', **kwargs)
         params.declare_all(self)
         self.cfg = None
-        self.choice = None
-        self.pipeline = None
+        self.spec = None
+        self.fallback_spec = None
+        self.answerer = None
+        self.stats = diagnostics.RequestStats()
+        self._state = 'unconfigured'
+        self._activation_error = ''
         self.exit_code = None
+        self._exit_event = exit_event or threading.Event()
         self._active = threading.Event()
+        self._stop_reason = 'node deactivated'
         self._frame_lock = threading.Lock()
         self._latest_frame = None
         self._subs = []
-        self._pubs_ready = False
+        self._in_flight = 0
+        self._in_flight_lock = threading.Condition()
         self.queue = RequestQueue(self.get_parameter('queue_size').value)
-        # The service exists in every state so callers get a clear answer, not a timeout.
-        self._service_group = ReentrantCallbackGroup()
-        self.create_service(Query, '~/query', self._on_query,
-                            callback_group=self._service_group)
+        # The service and the action exist in every state so callers get a clear answer (or
+        # a rejection), not a timeout.
+        self.create_service(Query, '~/query', self._on_query, qos_profile=REQUEST_QOS,
+                            callback_group=ReentrantCallbackGroup())
+        self.generate_action = GenerateAction(self, REQUEST_QOS)
+        # Health on /diagnostics in every state (an absolute name, as diagnostic tools expect).
+        period = self.get_parameter('diagnostics_period_s').value
+        if period > 0:
+            self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+            self.create_timer(period, self._publish_diagnostics)
 
     # Lifecycle -------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
+        """
+        Check parameters and resolve the model files or server (nothing is loaded).
+
+        SUCCESS: unconfigured -> inactive. FAILURE (bad parameter, missing or mismatched
+        file, bad server settings; logged with the reason): stays unconfigured. An exception
+        leads to ErrorProcessing, then ``on_error``.
+        """
         try:
             cfg = params.read_all(self)
-            choice = model_loader.choose_model(cfg)
+            spec = self._resolve(cfg)
+            fallback = None
+            if spec.is_remote and cfg['remote_fallback'] == 'local':
+                fallback = self._resolve(dict(cfg, backend='local'))
             if cfg['feed_type'] == params.FEED_FILE:
                 self._file_list(cfg)
         except (ValueError, VlmError, OSError) as exc:
             self.get_logger().error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
-        self.cfg, self.choice = cfg, choice
+        self.cfg, self.spec, self.fallback_spec = cfg, spec, fallback
         self.queue.capacity = cfg['queue_size']
-        self.result_pub = self.create_lifecycle_publisher(String, 'result', 10)
-        self.detail_pub = self.create_lifecycle_publisher(ResultMsg, 'result_detail', 10)
+        # Deep enough that a burst of prompts, each answered or reported, loses no report.
+        self.result_pub = self.create_lifecycle_publisher(String, 'result', RESULT_DEPTH)
+        self.detail_pub = self.create_lifecycle_publisher(ResultMsg, 'result_detail',
+                                                          RESULT_DEPTH)
         if cfg['feed_type'] == params.FEED_TOPICS:
             group = MutuallyExclusiveCallbackGroup()
             self._subs = [
@@ -90,61 +124,111 @@ class VlmNode(Node):
                                          qos_profile_sensor_data, callback_group=group),
                 self.create_subscription(CompressedImage, 'image/compressed', self._on_frame,
                                          qos_profile_sensor_data, callback_group=group),
-                self.create_subscription(String, 'prompt', self._on_prompt, 10,
+                self.create_subscription(String, 'prompt', self._on_prompt, REQUEST_QOS,
                                          callback_group=group),
             ]
-        self.get_logger().info(f'configured: {choice.describe()}')
+        self.get_logger().info(f'configured: {spec.describe()}')
+        if fallback is not None:
+            self.get_logger().info(f'fallback while the server is unreachable: '
+                                   f'{fallback.describe()}')
+        self._state = 'inactive'
         return TransitionCallbackReturn.SUCCESS
 
+    def _resolve(self, cfg):
+        if cfg['backend'] == 'remote':
+            return resolve_remote(
+                cfg['remote_url'], cfg['remote_model'], cfg['remote_api_key_env'],
+                connect_timeout_s=cfg['remote_connect_timeout_s'],
+                read_timeout_s=cfg['remote_read_timeout_s'],
+                max_retries=cfg['remote_max_retries'],
+                image_max_side=cfg['remote_image_max_side'])
+        share = share_dir()
+        return resolve(cfg['model_dir'] or None, vision_model=cfg['model_file_name'] or None,
+                       decoder_model=cfg['llm_model_name'] or None,
+                       model_type=registry.by_param(cfg['model_type']).info.key,
+                       base_dir=share, default_dir=share / 'models' / 'default',
+                       roles=('model_file_name', 'llm_model_name'))
+
     def on_activate(self, state: State) -> TransitionCallbackReturn:
+        """
+        Build the runtime sessions (or the remote client) and start taking work.
+
+        SUCCESS: inactive -> active. FAILURE (sessions cannot be created; logged): stays
+        inactive. An exception leads to ErrorProcessing, then ``on_error``.
+        """
+        cfg = self.cfg
+        options = {'n_threads': cfg['n_threads'], 'n_ctx': cfg['n_ctx'],
+                   'max_beams': max(4, cfg['num_beams']),
+                   'feature_cache_mb': cfg['feature_cache_mb'],
+                   'kv_cache_slots': cfg['kv_cache_slots'], 'n_gpu_layers': cfg['n_gpu_layers'],
+                   'providers': list(cfg['onnx_providers'])}
         try:
-            self.pipeline = model_loader.load_pipeline(self.choice, self.cfg)
+            answerer = build(self.spec, **options)
+            if self.fallback_spec is not None:
+                answerer = FallbackAnswerer(answerer, build(self.fallback_spec, **options))
         except (VlmError, OSError, ValueError) as exc:
-            self.get_logger().error(f'activate failed: cannot create sessions: {exc}')
+            self._activation_error = f'cannot create sessions: {exc}'
+            self.get_logger().error(f'activate failed: {self._activation_error}')
             return TransitionCallbackReturn.FAILURE
-        if isinstance(self.choice, model_loader.RemoteChoice):
-            detail = f'remote client for {self.choice.url}'
+        self.answerer = answerer
+        self._activation_error = ''
+        if self.spec.is_remote:
+            detail = f'remote client for {self.spec.remote.url}'
         else:
-            detail = (f'{self.choice.runtime}, {self.cfg["n_threads"] or os.cpu_count()} '
-                      'threads')
+            detail = (f'{self.spec.decoder_runtime}, '
+                      f'{self.cfg["n_threads"] or os.cpu_count()} threads')
         self.get_logger().info(f'sessions created ({detail})')
-        if self.choice.label:
-            self.get_logger().warning(f'the loaded model is {self.choice.label}')
+        if self.spec.label:
+            self.get_logger().warning(f'the loaded model is {self.spec.label}')
         self._active.set()
         self.queue.start()
+        self._state = 'active'
         ret = super().on_activate(state)
         if self.cfg['feed_type'] == params.FEED_FILE:
             threading.Thread(target=self._answer_files, daemon=True).start()
         return ret
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        self._stop_work()
+        """
+        Stop taking work, cancel queued and running requests, free the sessions.
+
+        SUCCESS: active -> inactive (always: a request that does not stop within the grace
+        period is logged, its sessions are dropped anyway).
+        """
+        self._stop_work('node deactivated')
+        self._state = 'inactive'
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        """Drop publishers, subscriptions and the configuration. SUCCESS: -> unconfigured."""
         self._release()
+        self._state = 'unconfigured'
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
-        self._stop_work()
+        """Cancel work and free everything. SUCCESS: any primary state -> finalized."""
+        self._stop_work('node shutting down')
         self._release()
+        self._state = 'finalized'
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: State) -> TransitionCallbackReturn:
-        self._stop_work()
+        """After an exception in a transition: free everything. SUCCESS: -> unconfigured."""
+        self._stop_work('node error')
         self._release()
+        self._state = 'unconfigured'
         return TransitionCallbackReturn.SUCCESS
 
-    def _stop_work(self):
-        if not self._active.is_set() and self.pipeline is None:
+    def _stop_work(self, reason, grace_s=DEACTIVATE_GRACE_S):
+        if not self._active.is_set() and self.answerer is None:
             return
+        self._stop_reason = reason
         self._active.clear()
-        if not self.queue.close(DEACTIVATE_GRACE_S):
-            self.get_logger().warning(
-                f'a request did not stop within {DEACTIVATE_GRACE_S} s of deactivation')
-        pipeline, self.pipeline = self.pipeline, None
-        if pipeline is not None:
-            pipeline.close()  # sessions or HTTP client; queue.close cancelled any request
+        if not self.queue.close(grace_s):
+            self.get_logger().warning(f'a request did not stop within {grace_s} s ({reason})')
+        answerer, self.answerer = self.answerer, None
+        if answerer is not None:
+            answerer.close()  # sessions or HTTP client; queue.close cancelled any request
         gc.collect()  # runtime sessions hold large buffers: free them now, not later
         self.get_logger().info('sessions released')
 
@@ -157,138 +241,202 @@ class VlmNode(Node):
             self.destroy_lifecycle_publisher(self.detail_pub)
         with self._frame_lock:
             self._latest_frame = None
-        self.cfg = self.choice = None
+        self.cfg = self.spec = self.fallback_spec = None
+
+    def shutdown_requests(self, grace_s=SHUTDOWN_GRACE_S):
+        """
+        Process shutdown: cancel running and queued requests and let their callers' replies go.
+
+        Returns True once every service or action callback in progress has returned its
+        (cancelled) reply, False when one is still waiting after ``grace_s`` (a runtime call
+        that did not return: the process must then leave without tearing ROS down under it).
+        """
+        deadline = time.monotonic() + grace_s
+        self._stop_work('node shutting down', grace_s)
+        with self._in_flight_lock:
+            done = self._in_flight_lock.wait_for(lambda: self._in_flight == 0,
+                                                 max(0.0, deadline - time.monotonic()))
+        # A callback that returned has its reply sent by the executor thread right after.
+        time.sleep(0.1)
+        return done and not self.queue.worker_busy()
 
     # Work ------------------------------------------------------------------------------
     def _settings(self, overrides=None):
         """
-        Merge generation settings for one request: current parameters, then the request's.
+        Merge the generation settings of one request: parameters, then the request's.
 
         Read per request, so `ros2 param set` on these applies to the next answer; model
         parameters apply at the next configure.
         """
-        value = self._param
+        value = self.param
         settings = {name: value(name) for name in (
             'max_new_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty',
             'num_beams')}
         settings['seed'] = value('seed') if value('seed') >= 0 else None
-        settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        settings.update(overrides or {})
         settings['image_options'] = ImageOptions(value('do_image_splitting'),
                                                  value('max_image_tiles'))
         return settings
 
-    def _param(self, name):
+    def param(self, name):
+        """Return a parameter's current value."""
         return self.get_parameter(name).value
 
-    def _run(self, image_source, prompt, system_prompt='', overrides=None):
-        """Build the job that answers one request on the worker thread."""
-        pipeline = self.pipeline
+    def is_active(self):
+        """Whether the node takes work (lifecycle state active)."""
+        return self._active.is_set()
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        """Count a service or action callback that waits for an answer (see shutdown)."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+                self._in_flight_lock.notify_all()
+
+    def make_job(self, image_source, prompt, system_prompt='', overrides=None, on_done=None,
+                 history=(), progress=None):
+        """
+        Build the job that answers one request on the worker thread.
+
+        ``image_source`` is called there (decoding is work, not the caller's thread's);
+        ``progress`` holds ``on_text`` / ``on_phase`` / ``on_token`` callbacks.
+        """
+        answerer = self.answerer
         settings = self._settings(overrides)
+        timeout_s = self.cfg['request_timeout_s']
 
         def run(job):
             if job.should_stop():
-                return Answer(error='cancelled before it started: '
-                              + ('timed out in the queue' if job.timed_out()
-                                 else 'node deactivated'), finish_reason=FINISH_CANCELLED)
+                why = 'timed out in the queue' if job.timed_out() else self._stop_reason
+                return Answer(error=f'cancelled before it started: {why}',
+                              finish_reason=FINISH_CANCELLED)
             try:
-                image = image_source() if callable(image_source) else image_source
-                result = pipeline.generate(image, prompt, system_prompt,
-                                           should_stop=job.should_stop, **settings)
+                images = image_source() if callable(image_source) else image_source
+                result = answerer.generate(images, prompt, system_prompt, history=history,
+                                           should_stop=job.should_stop, **(progress or {}),
+                                           **settings)
+            except RemoteUnreachableError as exc:
+                return self._counted(Answer(error=str(exc)), unreachable=str(exc))
             except VlmError as exc:
-                return Answer(error=str(exc))
+                return self._counted(Answer(error=str(exc)))
             except Exception as exc:  # keep serving whatever a runtime throws
                 self.get_logger().error(f'request failed: {type(exc).__name__}: {exc}')
-                return Answer(error=f'internal error: {type(exc).__name__}: {exc}')
+                return self._counted(Answer(error=f'internal error: {type(exc).__name__}: '
+                                                  f'{exc}'))
             if result.finish_reason == FINISH_CANCELLED:
-                why = (f'timed out after {self.cfg["request_timeout_s"]} s' if job.timed_out()
-                       else 'cancelled: node deactivated')
+                why = (f'timed out after {timeout_s} s' if job.timed_out()
+                       else 'cancelled by the caller' if self.is_active()
+                       else f'cancelled: {self._stop_reason}')
                 return Answer(result=result, error=why)
-            return Answer(result=result)
-        return Job(run, self.cfg['request_timeout_s'] if self.cfg else 0.0)
+            return self._counted(Answer(result=result),
+                                 getattr(answerer, 'last_unreachable', ''))
+        return Job(run, timeout_s, on_done)
+
+    def _counted(self, answer, unreachable=''):
+        self.stats.record(answer, unreachable)
+        return answer
 
     def _submit(self, job):
         """Queue a job; returns an Answer right away when it cannot be queued."""
-        if not self._active.is_set():
-            return Answer(error='node is not active (lifecycle state must be active)')
         try:
+            if not self._active.is_set():
+                raise Closed()
             self.queue.submit(job)
         except Busy:
+            self.stats.refuse()
             return Answer(error=f'busy: {self.queue.capacity} requests already held '
                           '(queue_size)')
         except Closed:
-            return Answer(error='node is not active (lifecycle state must be active)')
+            self.stats.refuse()
+            return Answer(error=NOT_ACTIVE)
         return None
 
-    def _wait(self, job):
-        timeout = self.cfg['request_timeout_s'] if self.cfg else 0.0
-        # The worker notices its deadline between tokens; the margin covers one slow step.
-        finished = job.wait(timeout + DEACTIVATE_GRACE_S + 5.0 if timeout > 0 else None)
-        if not finished:
-            job.cancelled.set()
-            return Answer(error='timed out waiting for the model', finish_reason=FINISH_CANCELLED)
+    def _outcome(self, job):
+        """Return the Answer of a finished job."""
         if job.error is not None:
+            if isinstance(job.error, Cancelled):
+                return Answer(error='cancelled before it started (by the caller)',
+                              finish_reason=FINISH_CANCELLED)
             if isinstance(job.error, Closed):
-                return Answer(error='cancelled: node deactivated', finish_reason=FINISH_CANCELLED)
+                return Answer(error=f'cancelled: {self._stop_reason}',
+                              finish_reason=FINISH_CANCELLED)
             return Answer(error=f'internal error: {job.error}')
         return job.result
 
+    def wait_for(self, job):
+        """Block until ``job`` ends (its deadline plus a margin at most); return its Answer."""
+        timeout = job.deadline - time.monotonic() if job.deadline is not None else None
+        # The worker notices its deadline between tokens; the margin covers one slow step.
+        if not job.wait(None if timeout is None else timeout + DEACTIVATE_GRACE_S + 5.0):
+            job.cancelled.set()
+            return Answer(error='timed out waiting for the model', finish_reason=FINISH_CANCELLED)
+        return self._outcome(job)
+
+    # Diagnostics -----------------------------------------------------------------------
+    def _publish_diagnostics(self):
+        spec = self.spec
+        text = '-' if spec is None else spec.describe()
+        if spec is not None and self.fallback_spec is not None:
+            text += f'; fallback: {self.fallback_spec.describe()}'
+        status = diagnostics.status(self.get_fully_qualified_name(), self._state, text,
+                                    self.queue.depth(), self.stats, self._activation_error,
+                                    self.param('diagnostics_failures_warn'))
+        self._diagnostics_pub.publish(
+            diagnostics.array(self.get_clock().now().to_msg(), [status]))
+
     # Service ---------------------------------------------------------------------------
     def _on_query(self, request, response):
-        answer = self._answer_query(request)
-        response.success = answer.success
-        response.text = answer.text
-        response.error = answer.error
-        response.finish_reason = answer.finish_reason
-        if answer.result is not None:
-            r = answer.result
-            t = r.timings
-            response.prompt_tokens = r.prompt_tokens
-            response.completion_tokens = r.completion_tokens
-            response.preprocess_ms = t.preprocess_ms
-            response.vision_ms = t.vision_ms
-            response.prefill_ms = t.prefill_ms
-            response.decode_ms = t.decode_ms
-            response.total_ms = t.total_ms
+        with self.in_flight():
+            answer = self._answer_query(request)
+        messages.fill_result(response, answer)
         if not answer.success:
             self.get_logger().warning(f'query failed: {answer.error}')
         return response
 
     def _answer_query(self, request):
         if not self._active.is_set() or self.cfg is None:
-            return Answer(error='node is not active (lifecycle state must be active)')
-        if image_conversion.has_data(request.image):
-            msg = request.image
-
-            def source():
-                return image_conversion.image_msg_to_array(msg)
-        elif image_conversion.has_data(request.compressed_image):
-            msg = request.compressed_image
-
-            def source():
-                return image_conversion.compressed_msg_to_array(msg)
-        else:
-            with self._frame_lock:
-                frame = self._latest_frame
-            if frame is None:
-                return Answer(error='the request has no image and no camera frame has arrived'
-                              + ('' if self.cfg['feed_type'] == params.FEED_TOPICS else
-                                 ' (feed_type 0 does not subscribe to images)'))
-
-            def source():
-                return _frame_to_array(frame)
-        overrides = {
-            'max_new_tokens': request.max_new_tokens if request.max_new_tokens > 0 else None,
-            'temperature': request.temperature if request.temperature >= 0 else None,
-            'top_p': request.top_p if 0 < request.top_p <= 1 else None,
-            'top_k': request.top_k if request.top_k > 0 else None,
-            'seed': request.seed if request.seed >= 0 else None,
-            'repetition_penalty': (request.repetition_penalty
-                                   if request.repetition_penalty > 0 else None),
-        }
-        job = self._run(source, request.prompt or self._param('user_prompt'),
-                        request.system_prompt or self._param('system_prompt'), overrides)
+            self.stats.refuse()
+            return Answer(error=NOT_ACTIVE)
+        try:
+            overrides = messages.generation_overrides(request)
+            prompt = messages.check_prompt(request.prompt) or self.param('user_prompt')
+            system = messages.check_prompt(request.system_prompt, 'system_prompt') or \
+                self.param('system_prompt')
+            images = [request.image] if messages.has_data(request.image) else []
+            compressed = [request.compressed_image] if not images and \
+                messages.has_data(request.compressed_image) else []
+            source = self.images_source(images, compressed)
+        except VlmError as exc:
+            return Answer(error=str(exc))
+        job = self.make_job(source, prompt, system, overrides)
         refused = self._submit(job)
-        return refused if refused is not None else self._wait(job)
+        return refused if refused is not None else self.wait_for(job)
+
+    def images_source(self, images, compressed):
+        """
+        Return what the worker decodes: the given images, or the newest camera frame.
+
+        Raw images first, then compressed ones; none at all: the newest frame. More than
+        ``max_images`` raise, as does asking for a frame before one arrived.
+        """
+        msgs = list(images) + list(compressed)
+        limit = self.param('max_images')
+        if len(msgs) > limit:
+            raise VlmError(f'{len(msgs)} images in one request; max_images allows {limit}')
+        if msgs:
+            return lambda: [_frame_to_array(m) for m in msgs]
+        with self._frame_lock:
+            frame = self._latest_frame
+        if frame is None:
+            raise VlmError('the request has no image and no camera frame has arrived'
+                           + ('' if self.cfg['feed_type'] == params.FEED_TOPICS else
+                              ' (feed_type 0 does not subscribe to images)'))
+        return lambda: [_frame_to_array(frame)]
 
     # Topics ----------------------------------------------------------------------------
     def _on_frame(self, msg):
@@ -299,42 +447,41 @@ class VlmNode(Node):
     def _on_prompt(self, msg):
         with self._frame_lock:
             frame = self._latest_frame
-        if frame is None:
-            self.get_logger().warning('prompt received before any image; ignored')
+        header = frame.header if frame is not None else None
+        try:
+            prompt = messages.check_prompt(msg.data)
+            if frame is None:
+                raise VlmError('no camera frame has arrived yet')
+        except VlmError as exc:
+            self._report_dropped(msg.data, Answer(error=str(exc)), header)
             return
-        if not self._active.is_set():
-            self.get_logger().warning('prompt received while not active; ignored')
-            return
-        job = self._run(lambda: _frame_to_array(frame), msg.data, self._param('system_prompt'))
+        job = self.make_job(lambda: [_frame_to_array(frame)], prompt,
+                            self.param('system_prompt'),
+                            on_done=lambda job: self._publish(msg.data, self._outcome(job),
+                                                              header))
         refused = self._submit(job)
         if refused is not None:
-            self.get_logger().warning(f'prompt dropped: {refused.error}')
-            self._publish(msg.data, refused, frame.header)
-            return
-        threading.Thread(target=lambda: self._publish(msg.data, self._wait(job), frame.header),
-                         daemon=True).start()
+            self._report_dropped(msg.data, refused, header)
 
-    def _publish(self, prompt, answer, header=None, log=False):
-        if self.cfg is None:
+    def _report_dropped(self, prompt, answer, header):
+        self.get_logger().warning(f'prompt dropped: {answer.error}')
+        self._publish(prompt, Answer(error=f'prompt dropped: {answer.error}',
+                                     finish_reason=answer.finish_reason), header)
+
+    def _publish(self, prompt, answer, header=None):
+        cfg = self.cfg
+        if cfg is None:
             return
         if answer.success:
             self.result_pub.publish(String(data=answer.text))
-        detail = ResultMsg(prompt=prompt, text=answer.text, finish_reason=answer.finish_reason)
+        detail = messages.fill_result(ResultMsg(prompt=prompt), answer)
         if header is not None:
             detail.header = header
-        if answer.result is not None:
-            r, t = answer.result, answer.result.timings
-            detail.prompt_tokens, detail.completion_tokens = r.prompt_tokens, r.completion_tokens
-            detail.preprocess_ms, detail.vision_ms = t.preprocess_ms, t.vision_ms
-            detail.prefill_ms, detail.decode_ms, detail.total_ms = (t.prefill_ms, t.decode_ms,
-                                                                    t.total_ms)
-        if not answer.success:
-            detail.text = answer.error
         self.detail_pub.publish(detail)
 
     # feed_type 0 -----------------------------------------------------------------------
     def _file_list(self, cfg):
-        path = cfg['image'] or str(model_loader.share_dir() / 'samples' / 'scene.png')
+        path = cfg['image'] or str(share_dir() / 'samples' / 'scene.png')
         path = pathlib.Path(os.path.expanduser(path))
         if cfg['image_type'] == 0:
             if not path.is_file():
@@ -352,9 +499,9 @@ class VlmNode(Node):
         failures = 0
         files = self._file_list(cfg)
         for path in files:
-            job = self._run(str(path), cfg['user_prompt'], cfg['system_prompt'])
+            job = self.make_job(str(path), cfg['user_prompt'], cfg['system_prompt'])
             refused = self._submit(job)
-            answer = refused if refused is not None else self._wait(job)
+            answer = refused if refused is not None else self.wait_for(job)
             if answer.success:
                 self.get_logger().info(f'{path.name}: {answer.text}')
                 if cfg['one_shot']:
@@ -364,46 +511,88 @@ class VlmNode(Node):
                 self.get_logger().error(f'{path.name}: {answer.error}')
             self._publish(cfg['user_prompt'], answer)
         if cfg['one_shot']:
-            self.exit_code = 1 if failures else 0
             if failures:
                 self.get_logger().error(f'{failures} of {len(files)} images failed')
-            rclpy.try_shutdown(context=self.context)
+            self.exit_code = 1 if failures else 0
+            self._exit_event.set()
 
 
 def _frame_to_array(msg):
     if isinstance(msg, CompressedImage):
-        return image_conversion.compressed_msg_to_array(msg)
-    return image_conversion.image_msg_to_array(msg)
+        return messages.compressed_to_array(msg)
+    return messages.image_to_array(msg)
+
+
+def _spin(executor, exit_event):
+    """Spin until the executor is shut down; any failure ends the process, cleanly."""
+    try:
+        executor.spin()
+    except ExternalShutdownException:
+        pass
+    except Exception as exc:  # noqa: B902 -- e.g. a context torn down by another thread
+        print(f'vlm_node: executor stopped: {type(exc).__name__}: {exc}', file=sys.stderr)
+    finally:
+        exit_event.set()
 
 
 def main(args=None):
-    """Run the node until shutdown (``ros2 run vlm_ros vlm_node --ros-args ...``)."""
-    rclpy.init(args=args)
+    """
+    Run the node until SIGINT / SIGTERM (``ros2 run vlm_ros vlm_node --ros-args ...``).
+
+    rclpy's own signal handlers would shut the context down at once, and with it the
+    service, before a running request could be answered. Here a signal only sets an event:
+    the main thread then cancels running and queued requests, lets their "cancelled" replies
+    go, shuts the executor down and exits 0. A second signal exits at once.
+    """
+    exit_event = threading.Event()
+
+    def on_signal(signum, _frame):
+        if exit_event.is_set():
+            os._exit(128 + signum)
+        exit_event.set()
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
-        node = VlmNode()
+        node = VlmNode(exit_event)
     except ValueError as exc:
         print(f'vlm_node: {exc}', file=sys.stderr)
         rclpy.try_shutdown()
         return 2
     # Service callers wait on a thread each: enough threads for a full queue plus spares so
     # that callers beyond it are told "busy" at once.
-    executor = MultiThreadedExecutor(num_threads=node.queue.capacity + 3)
+    executor = MultiThreadedExecutor(
+        num_threads=min(node.queue.capacity + 3, MAX_EXECUTOR_THREADS))
     executor.add_node(node)
-    try:
-        if node.get_parameter('autostart').value:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-            elif node.get_parameter('one_shot').value:
-                node.exit_code = 1
-                raise ExternalShutdownException()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+    spinner = threading.Thread(target=_spin, args=(executor, exit_event), daemon=True)
+    spinner.start()
+    if node.get_parameter('autostart').value and not exit_event.is_set():
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        elif node.get_parameter('one_shot').value:
+            node.exit_code = 1
+            exit_event.set()
+    while not exit_event.wait(0.5):
         pass
-    finally:
-        node.queue.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return node.exit_code or 0
+    code = node.exit_code or 0
+    if not node.shutdown_requests():
+        # A runtime call that did not return within the grace period: leave now, without
+        # destroying the executor, the node or the native buffers under it.
+        node.get_logger().warning('a request was still running at shutdown; exiting now')
+        _leave(code)
+    executor.shutdown(timeout_sec=SHUTDOWN_GRACE_S)
+    node.generate_action.destroy()
+    node.queue.shutdown(grace_s=1.0)
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return code
+
+
+def _leave(code):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == '__main__':

@@ -3,13 +3,17 @@ One worker thread answering requests in order, with a bounded waiting line.
 
 The model runs one request at a time (it uses every core); callers beyond the line's
 capacity are refused at once instead of piling up. Cancellation is cooperative: the engine
-polls ``Job.should_stop`` between tokens.
+polls ``Job.should_stop`` between tokens. A job reports its end through ``on_done`` (topics,
+action) or ``wait`` (a blocking service callback).
 """
 
 import collections
+import logging
 import threading
 import time
 from typing import Any, Callable, Optional
+
+_LOG = logging.getLogger('vlm_ros.request_queue')
 
 
 class Busy(Exception):
@@ -20,17 +24,22 @@ class Closed(Exception):
     """The queue no longer takes work (node not active)."""
 
 
+class Cancelled(Exception):
+    """The job was cancelled while it waited: it never ran."""
+
+
 class Job:
     """One request: what to run, its deadline, and its outcome."""
 
-    def __init__(self, run: Callable[['Job'], Any], timeout_s: float = 0.0):
+    def __init__(self, run: Callable[['Job'], Any], timeout_s: float = 0.0,
+                 on_done: Optional[Callable[['Job'], None]] = None):
         self.run = run
         self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.result: Any = None
         self.error: Optional[BaseException] = None
-        self.started = False
+        self.on_done = on_done
 
     def timed_out(self):
         """Whether the job's deadline has passed."""
@@ -44,16 +53,29 @@ class Job:
         """Block until the job finished; True if it did."""
         return self.done.wait(timeout)
 
+    def finish(self, result=None, error: Optional[BaseException] = None):
+        """Record the outcome, wake waiters and call ``on_done`` (once)."""
+        if self.done.is_set():
+            return
+        self.result, self.error = result, error
+        self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # noqa: B902 -- a reporting failure must not stop the worker
+                _LOG.exception('a job completion callback failed')
+
 
 class RequestQueue:
     """A single worker holding at most ``capacity`` jobs, the running one included."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._pending: collections.deque[Job] = collections.deque()
+        self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._open = False
         self._running: Optional[Job] = None
+        self._reserved = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name='vlm_worker', daemon=True)
         self._thread.start()
@@ -63,22 +85,66 @@ class RequestQueue:
         with self._cond:
             self._open = True
 
-    def submit(self, job: Job) -> Job:
-        """Queue ``job``; raises Busy when the line is full and Closed when not open."""
+    def _check_room(self):
+        if not self._open:
+            raise Closed()
+        if len(self._pending) + (self._running is not None) + self._reserved >= self.capacity:
+            raise Busy()
+
+    def submit(self, job: Job, reserved: bool = False) -> Job:
+        """
+        Queue ``job``; raises Busy when the line is full and Closed when not open.
+
+        ``reserved``: the job takes the place a ``reserve`` call held for it.
+        """
         with self._cond:
-            if not self._open:
-                raise Closed()
-            if len(self._pending) + (self._running is not None) >= self.capacity:
-                raise Busy()
+            if reserved:
+                self._reserved -= 1
+                if not self._open:
+                    raise Closed()
+            else:
+                self._check_room()
             self._pending.append(job)
             self._cond.notify_all()
         return job
+
+    def reserve(self):
+        """
+        Hold a place for a job that is not built yet (an action goal being accepted).
+
+        Raises Busy or Closed like ``submit``; ``submit(job, reserved=True)`` or ``release``
+        must follow.
+        """
+        with self._cond:
+            self._check_room()
+            self._reserved += 1
+
+    def release(self):
+        """Give back a place ``reserve`` held."""
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+
+    def cancel(self, job: Job):
+        """Cancel ``job``: a waiting job ends at once without running, a running one is told."""
+        job.cancelled.set()
+        with self._cond:
+            waiting = job in self._pending
+            if waiting:
+                self._pending.remove(job)
+        if waiting:
+            job.finish(error=Cancelled())
+
+    def depth(self) -> int:
+        """Jobs running, waiting or with a place held (the diagnostics' queue depth)."""
+        with self._cond:
+            return len(self._pending) + (self._running is not None) + self._reserved
 
     def close(self, grace_s: float = 5.0):
         """
         Stop taking work and cancel what is queued or running.
 
-        Waits up to ``grace_s`` for the running job to notice; returns True if it ended.
+        Queued jobs end at once with ``Closed``; waits up to ``grace_s`` for the running job
+        to notice its cancellation; returns True if it ended.
         """
         with self._cond:
             self._open = False
@@ -87,26 +153,24 @@ class RequestQueue:
             running = self._running
         for job in dropped:
             job.cancelled.set()
-            job.error = Closed()
-            job.done.set()
+            job.finish(error=Closed())
         if running is not None:
             running.cancelled.set()
             return running.wait(grace_s)
         return True
 
-    def shutdown(self):
-        """End the worker thread (node shutdown)."""
-        self.close()
+    def shutdown(self, grace_s: float = 5.0):
+        """Cancel everything and end the worker thread (node shutdown)."""
+        self.close(grace_s)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(10)
+        self._thread.join(grace_s)
 
-    @property
-    def busy(self):
-        """Jobs running or waiting."""
+    def worker_busy(self) -> bool:
+        """Whether the worker is inside a job."""
         with self._cond:
-            return len(self._pending) + (self._running is not None)
+            return self._running is not None
 
     def _loop(self):
         while True:
@@ -117,12 +181,12 @@ class RequestQueue:
                     return
                 job = self._pending.popleft()
                 self._running = job
+            result, error = None, None
             try:
-                job.started = True
-                job.result = job.run(job)
+                result = job.run(job)
             except BaseException as exc:  # reported to the caller, the worker goes on
-                job.error = exc
+                error = exc
             finally:
                 with self._cond:
                     self._running = None
-                job.done.set()
+            job.finish(result, error)
