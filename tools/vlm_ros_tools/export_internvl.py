@@ -15,21 +15,18 @@ engine's ONNX runtime loads both families alike:
     ``.value`` -> ``logits``, ``present.{i}.key`` / ``.value`` (the Qwen2 language model and
     its head; one graph for prefill and decode steps).
 
-Plus ``*_int8.onnx`` (dynamic int8 weights).  The token embedder, decoder and quantiser are
-``export_onnx``'s, applied to InternVL's language model; ``cached_internvl_model`` caches
-a built + exported tiny model like ``export_onnx.cached_test_model``.
+Plus ``*_int8.onnx`` (dynamic int8 weights).  The token embedder, decoder, quantiser, model
+loader and command line are ``export_onnx``'s, applied to InternVL's language model;
+``cached_internvl_model`` caches a built + exported tiny model like
+``export_onnx.cached_test_model`` (``model_cache.build_once``).
 """
 
-import hashlib
-import os
-import shutil
-import tempfile
 import types
 
 import torch
 from torch import nn
 
-from . import export_onnx
+from . import export_onnx, model_cache
 
 GRAPH_NAMES = export_onnx.GRAPH_NAMES
 INT8_SUFFIX = export_onnx.INT8_SUFFIX
@@ -87,18 +84,6 @@ class VisionEncoderGraph(nn.Module):
         return self.projector(self._pixel_shuffle(hidden))
 
 
-def load_model_for_export(model_dir):
-    """Load a saved InternVL in float32 with eager attention (exportable)."""
-    from transformers import InternVLForConditionalGeneration
-
-    from .smolvlm_factory import quiet_transformers
-
-    with quiet_transformers():
-        model = InternVLForConditionalGeneration.from_pretrained(
-            model_dir, attn_implementation='eager', dtype=torch.float32, local_files_only=True)
-    return model.eval()
-
-
 def tokens_per_tile(config):
     """Return the image tokens one tile becomes: (tile / patch)**2 * downsample_ratio**2."""
     vision = config.vision_config
@@ -142,32 +127,12 @@ def export_decoder(model, path):
 
 
 def export_internvl_onnx(model_dir, onnx_dir=None, quantize_int8=True):
-    """
-    Export the InternVL model in ``model_dir`` to ``onnx_dir`` (default ``model_dir/onnx``).
-
-    Returns a dict mapping graph names (``vision_encoder``, ``vision_encoder_int8``, ...)
-    to the written files.
-    """
-    onnx_dir = onnx_dir or os.path.join(model_dir, 'onnx')
-    os.makedirs(onnx_dir, exist_ok=True)
-    model = load_model_for_export(model_dir)
-    exporters = {
+    """Export the InternVL in ``model_dir`` (see ``export_onnx.export_graphs``)."""
+    return export_onnx.export_graphs(model_dir, onnx_dir, {
         'vision_encoder': export_vision_encoder,
         'embed_tokens': export_embed_tokens,
         'decoder_model_merged': export_decoder,
-    }
-    written = {}
-    with torch.no_grad():
-        for name in GRAPH_NAMES:
-            path = os.path.join(onnx_dir, name + '.onnx')
-            exporters[name](model, path)
-            written[name] = path
-    if quantize_int8:
-        for name in GRAPH_NAMES:
-            path = os.path.join(onnx_dir, name + INT8_SUFFIX + '.onnx')
-            export_onnx.quantize_graph_int8(written[name], path)
-            written[name + INT8_SUFFIX] = path
-    return written
+    }, quantize_int8)
 
 
 def write_internvl_model(out_dir, variant='a', seed=0, quantize_int8=True):
@@ -179,74 +144,23 @@ def write_internvl_model(out_dir, variant='a', seed=0, quantize_int8=True):
     return out_dir
 
 
-def _source_fingerprint(variant, seed, quantize):
-    """Hash of the tooling sources, library versions and build arguments."""
-    import onnx
-    import onnxruntime
-    import tokenizers
-    import transformers
-
-    digest = hashlib.sha256()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ('tiny_tokenizer.py', 'smolvlm_factory.py', 'export_onnx.py',
-                 'internvl_factory.py', 'export_internvl.py'):
-        with open(os.path.join(here, name), 'rb') as f:
-            digest.update(f.read())
-    for mod in (torch, transformers, onnx, onnxruntime, tokenizers):
-        digest.update(f'{mod.__name__}={mod.__version__};'.encode())
-    digest.update(f'internvl;{variant};{seed};{int(bool(quantize))}'.encode())
-    return digest.hexdigest()[:16]
-
-
 def cached_internvl_model(variant='a', seed=0, quantize_int8=True):
     """
     Return the directory of a tiny exported InternVL test model, building it only if missing.
 
-    The directory is ``<export_onnx.cache_root()>/internvl-<variant>-<hash>``; the hash
-    covers the tooling sources, so editing them rebuilds.  Builds go to a temporary
-    directory that is renamed into place, so concurrent callers never see a half-written
-    model.
+    The directory is ``<model_cache.cache_root()>/internvl-<variant>-<hash>``; the hash covers
+    the tooling sources and library versions, so editing them rebuilds
+    (``model_cache.build_once``: built in a temporary directory renamed into place).
     """
-    root = export_onnx.cache_root()
-    fingerprint = _source_fingerprint(variant, seed, quantize_int8)
-    target = os.path.join(root, f'internvl-{variant}-{fingerprint}')
-    if os.path.isdir(target):
-        return target
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.build-internvl-{variant}-', dir=root)
-    try:
-        write_internvl_model(tmp, variant=variant, seed=seed, quantize_int8=quantize_int8)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not os.path.isdir(target):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return model_cache.build_once('internvl', f'internvl-{variant}', write_internvl_model,
+                                  variant=variant, seed=seed, quantize_int8=bool(quantize_int8))
 
 
 def main(argv=None):
     """Command line: export a model directory, or build + export a tiny test model."""
-    import argparse
+    from .internvl_factory import build_tiny_internvl
 
-    parser = argparse.ArgumentParser(description='Export InternVL to hub-style ONNX graphs.')
-    parser.add_argument('model_dir', help='checkpoint directory (written with --tiny)')
-    parser.add_argument('--tiny', metavar='VARIANT',
-                        help='first build the tiny random-weight model VARIANT there')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--onnx-dir', help='output folder (default MODEL_DIR/onnx)')
-    parser.add_argument('--no-int8', action='store_true', help='skip the *_int8 graphs')
-    args = parser.parse_args(argv)
-    if args.tiny:
-        from .internvl_factory import build_tiny_internvl
-
-        build_tiny_internvl(args.model_dir, variant=args.tiny, seed=args.seed)
-    written = export_internvl_onnx(args.model_dir, args.onnx_dir, not args.no_int8)
-    for path in written.values():
-        print(path)
-    return 0
+    return export_onnx.command_line(argv, 'InternVL', build_tiny_internvl, export_internvl_onnx)
 
 
 if __name__ == '__main__':

@@ -21,23 +21,23 @@ The hub repositories (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) ship three graph
 
 Dynamic int8 versions (``*_int8.onnx``) are made with onnxruntime's ``quantize_dynamic``.
 The module also has ``write_test_model`` (build + export) and ``cached_test_model``
-(the same, cached under ``.cache/test_models`` or ``$VLM_ROS_TEST_MODELS``).
+(the same, cached under ``.cache/test_models`` or ``$VLM_ROS_TEST_MODELS``, see
+``model_cache.build_once``).
 """
 
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 
 import torch
 from torch import nn
 
+from . import model_cache
+from .hub_files import quiet_transformers
+
 GRAPH_NAMES = ('vision_encoder', 'embed_tokens', 'decoder_model_merged')
 INT8_SUFFIX = '_int8'
 OPSET = 17
-CACHE_ENV = 'VLM_ROS_TEST_MODELS'
 
 
 class VisionEncoderGraph(nn.Module):
@@ -165,10 +165,8 @@ class DecoderGraph(nn.Module):
 
 
 def load_model_for_export(model_dir):
-    """Load a saved SmolVLM in float32 with eager attention (exportable)."""
+    """Load a saved SmolVLM or InternVL in float32 with eager attention (exportable)."""
     from transformers import AutoModelForImageTextToText
-
-    from .smolvlm_factory import quiet_transformers
 
     with quiet_transformers():
         model = AutoModelForImageTextToText.from_pretrained(
@@ -292,21 +290,17 @@ def quantize_graph_int8(src, dst):
         root.setLevel(level)
 
 
-def export_smolvlm_onnx(model_dir, onnx_dir=None, quantize_int8=True):
+def export_graphs(model_dir, onnx_dir, exporters, quantize_int8=True):
     """
     Export the model in ``model_dir`` to ``onnx_dir`` (default ``model_dir/onnx``).
 
-    Returns a dict mapping graph names (``vision_encoder``, ``vision_encoder_int8``, ...)
-    to the written files.
+    ``exporters`` maps each of ``GRAPH_NAMES`` to the family's ``export(model, path)``;
+    ``quantize_int8`` adds the ``*_int8`` versions (dynamic int8 weights).  Returns a dict
+    mapping graph names (``vision_encoder``, ``vision_encoder_int8``, ...) to the files.
     """
     onnx_dir = onnx_dir or os.path.join(model_dir, 'onnx')
     os.makedirs(onnx_dir, exist_ok=True)
     model = load_model_for_export(model_dir)
-    exporters = {
-        'vision_encoder': export_vision_encoder,
-        'embed_tokens': export_embed_tokens,
-        'decoder_model_merged': export_decoder,
-    }
     written = {}
     with torch.no_grad():
         for name in GRAPH_NAMES:
@@ -321,6 +315,15 @@ def export_smolvlm_onnx(model_dir, onnx_dir=None, quantize_int8=True):
     return written
 
 
+def export_smolvlm_onnx(model_dir, onnx_dir=None, quantize_int8=True):
+    """Export the SmolVLM in ``model_dir`` (see ``export_graphs``); return name -> file."""
+    return export_graphs(model_dir, onnx_dir, {
+        'vision_encoder': export_vision_encoder,
+        'embed_tokens': export_embed_tokens,
+        'decoder_model_merged': export_decoder,
+    }, quantize_int8)
+
+
 def write_test_model(out_dir, variant='a', seed=0, quantize_int8=True):
     """Build a tiny SmolVLM in ``out_dir`` and export its ONNX graphs; return ``out_dir``."""
     from .smolvlm_factory import build_tiny_smolvlm
@@ -330,66 +333,28 @@ def write_test_model(out_dir, variant='a', seed=0, quantize_int8=True):
     return out_dir
 
 
-def _source_fingerprint(variant, seed, quantize):
-    """Hash of the tooling sources, library versions and build arguments."""
-    import onnx
-    import onnxruntime
-    import tokenizers
-    import transformers
-
-    digest = hashlib.sha256()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ('tiny_tokenizer.py', 'smolvlm_factory.py', 'export_onnx.py'):
-        with open(os.path.join(here, name), 'rb') as f:
-            digest.update(f.read())
-    for mod in (torch, transformers, onnx, onnxruntime, tokenizers):
-        digest.update(f'{mod.__name__}={mod.__version__};'.encode())
-    digest.update(f'{variant};{seed};{int(bool(quantize))}'.encode())
-    return digest.hexdigest()[:16]
-
-
-def cache_root():
-    """Return the test model cache directory (``$VLM_ROS_TEST_MODELS`` or .cache/)."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return os.path.abspath(root)
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(repo, '.cache', 'test_models')
-
-
 def cached_test_model(variant='a', seed=0, quantize_int8=True):
     """
     Return the directory of a tiny exported test model, building it only if missing.
 
-    The directory is ``<cache_root()>/<variant>-<hash>``; the hash covers the tooling
-    sources, so editing them rebuilds.  Builds go to a temporary directory that is renamed
-    into place, so concurrent callers never see a half-written model.
+    The directory is ``<model_cache.cache_root()>/<variant>-<hash>``; the hash covers the
+    tooling sources and library versions, so editing them rebuilds (``model_cache.build_once``:
+    built in a temporary directory renamed into place).
     """
-    root = cache_root()
-    fingerprint = _source_fingerprint(variant, seed, quantize_int8)
-    target = os.path.join(root, f'{variant}-{fingerprint}')
-    if os.path.isdir(target):
-        return target
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.build-{variant}-', dir=root)
-    try:
-        write_test_model(tmp, variant=variant, seed=seed, quantize_int8=quantize_int8)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not os.path.isdir(target):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return model_cache.build_once('smolvlm', variant, write_test_model, variant=variant,
+                                  seed=seed, quantize_int8=bool(quantize_int8))
 
 
-def main(argv=None):
-    """Command line: export a model directory, or build + export a tiny test model."""
+def command_line(argv, family, build_tiny, export):
+    """
+    Command line of an exporter: export a model directory, or build + export a tiny model.
+
+    ``build_tiny(model_dir, variant=, seed=)`` is the family's factory and
+    ``export(model_dir, onnx_dir, quantize_int8)`` its exporter.
+    """
     import argparse
 
-    parser = argparse.ArgumentParser(description='Export SmolVLM to hub-style ONNX graphs.')
+    parser = argparse.ArgumentParser(description=f'Export {family} to hub-style ONNX graphs.')
     parser.add_argument('model_dir', help='checkpoint directory (written with --tiny)')
     parser.add_argument('--tiny', metavar='VARIANT',
                         help='first build the tiny random-weight model VARIANT there')
@@ -398,13 +363,18 @@ def main(argv=None):
     parser.add_argument('--no-int8', action='store_true', help='skip the *_int8 graphs')
     args = parser.parse_args(argv)
     if args.tiny:
-        from .smolvlm_factory import build_tiny_smolvlm
-
-        build_tiny_smolvlm(args.model_dir, variant=args.tiny, seed=args.seed)
-    written = export_smolvlm_onnx(args.model_dir, args.onnx_dir, not args.no_int8)
+        build_tiny(args.model_dir, variant=args.tiny, seed=args.seed)
+    written = export(args.model_dir, args.onnx_dir, not args.no_int8)
     for path in written.values():
         print(path)
     return 0
+
+
+def main(argv=None):
+    """Command line: export a model directory, or build + export a tiny test model."""
+    from .smolvlm_factory import build_tiny_smolvlm
+
+    return command_line(argv, 'SmolVLM', build_tiny_smolvlm, export_smolvlm_onnx)
 
 
 if __name__ == '__main__':

@@ -13,15 +13,17 @@ Qwen2 split regex, byte level) followed by Qwen's ``<|endoftext|>``, ``<|im_star
 ``<|im_end|>`` and InternVL's ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` ... added tokens.
 Tiles are smaller than the real 448 pixels (the processor reads the tile size from
 ``preprocessor_config.json``), so a tile costs 16 or 36 image tokens instead of 256.
+
+A variant is a name in ``VARIANTS`` or a shape dictionary of the same form; its vision
+``image_size`` and ``patch_size`` are ints or square ``[height, width]`` lists, as
+transformers' InternVL configs write them.
 """
 
-import json
 import os
 
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, Regex
-from tokenizers import Tokenizer, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, Regex, Tokenizer
 
-from . import smolvlm_factory, tiny_tokenizer
+from . import hub_files, tiny_tokenizer
 
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX).
 QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
@@ -97,17 +99,43 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def variant_spec(variant):
-    """Return the shape dictionary of ``variant`` (raises ``KeyError`` if unknown)."""
+    """Return the shape dictionary of ``variant``: a name in ``VARIANTS`` or the dict itself."""
+    if isinstance(variant, dict):
+        return variant
     if variant not in VARIANTS:
         known = ', '.join(sorted(VARIANTS))
         raise KeyError(f'unknown tiny InternVL variant {variant!r} (known: {known})')
     return VARIANTS[variant]
 
 
+def square_size(vision, key):
+    """
+    Return ``vision[key]`` (``image_size`` or ``patch_size``) as one int.
+
+    transformers' InternVL configs write both as ``[height, width]`` lists; an int or a
+    square list (or tuple) is accepted, anything else raises ``ValueError``.
+    """
+    value = vision[key]
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f'InternVL vision {key} {list(value)}: only square sizes '
+                             '(an int or [n, n]) are supported')
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'InternVL vision {key} {value!r}: expected an int or [n, n]')
+    return value
+
+
+def patches_per_side(spec):
+    """Return the patches along a tile's side (``image_size // patch_size``) of a spec."""
+    vision = spec['vision']
+    return square_size(vision, 'image_size') // square_size(vision, 'patch_size')
+
+
 def image_seq_length(variant):
     """Return the number of ``<IMG_CONTEXT>`` tokens per tile for ``variant``."""
     spec = variant_spec(variant)
-    side = spec['vision']['image_size'] // spec['vision']['patch_size']
+    side = patches_per_side(spec)
     return int(side * side * spec['downsample_ratio'] ** 2)
 
 
@@ -120,36 +148,18 @@ def build_tokenizer(base_vocab_size=BASE_VOCAB_SIZE):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=base_vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    lines = [line for line in tiny_tokenizer.TRAINING_TEXT.splitlines() if line]
-    tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS])
-    return tokenizer
-
-
-def _token_entry(content):
-    """Return the serialised form of a special token as in the hub json files."""
-    return {'content': content, 'lstrip': False, 'normalized': False,
-            'rstrip': False, 'single_word': False}
+    return tiny_tokenizer.train_byte_level_bpe(
+        tokenizer, base_vocab_size, tiny_tokenizer.training_lines(),
+        added_tokens=QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS)
 
 
 def tokenizer_config(tokenizer):
     """Return the ``tokenizer_config.json`` dict (InternVL3-1B-hf layout)."""
-    added = {}
-    for token in QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS:
-        entry = _token_entry(token)
-        entry['special'] = True
-        added[str(tokenizer.token_to_id(token))] = entry
     return {
         'add_bos_token': False,
         'add_prefix_space': False,
-        'added_tokens_decoder': added,
+        'added_tokens_decoder': tiny_tokenizer.added_tokens_decoder(
+            tokenizer, QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS),
         'additional_special_tokens': list(INTERNVL_ADDED_TOKENS[:-1]),
         'bos_token': None,
         'chat_template': CHAT_TEMPLATE,
@@ -178,21 +188,19 @@ def tokenizer_config(tokenizer):
 
 def special_tokens_map():
     """Return the ``special_tokens_map.json`` dict."""
+    entry = tiny_tokenizer.token_entry
     return {
-        'additional_special_tokens': [_token_entry(t) for t in INTERNVL_ADDED_TOKENS[:-1]],
-        'eos_token': _token_entry(IM_END_TOKEN),
-        'pad_token': _token_entry(ENDOFTEXT_TOKEN),
+        'additional_special_tokens': [entry(t) for t in INTERNVL_ADDED_TOKENS[:-1]],
+        'eos_token': entry(IM_END_TOKEN),
+        'pad_token': entry(ENDOFTEXT_TOKEN),
     }
 
 
 def write_tokenizer(out_dir):
     """Write the tokenizer files into ``out_dir``; return the special token ids."""
-    os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer()
-    tokenizer.save(os.path.join(out_dir, 'tokenizer.json'))
-    _write_json(os.path.join(out_dir, 'tokenizer_config.json'), tokenizer_config(tokenizer))
-    _write_json(os.path.join(out_dir, 'special_tokens_map.json'), special_tokens_map())
-    _write_json(os.path.join(out_dir, 'chat_template.json'), {'chat_template': CHAT_TEMPLATE})
+    tiny_tokenizer.write_tokenizer_files(out_dir, tokenizer, tokenizer_config(tokenizer),
+                                         special_tokens_map(), CHAT_TEMPLATE, sort_keys=True)
     return {
         'endoftext_id': tokenizer.token_to_id(ENDOFTEXT_TOKEN),
         'im_start_id': tokenizer.token_to_id(IM_START_TOKEN),
@@ -207,11 +215,12 @@ def make_config(variant, ids):
     from transformers import InternVLConfig
 
     spec = variant_spec(variant)
-    vision = dict(spec['vision'])
-    side = vision['image_size'] // vision['patch_size']
-    if (side * spec['downsample_ratio']) % 1:
+    if (patches_per_side(spec) * spec['downsample_ratio']) % 1:
         raise ValueError('patches per side times downsample_ratio must be an integer')
+    vision = dict(spec['vision'])
     vision.update({
+        'image_size': square_size(vision, 'image_size'),
+        'patch_size': square_size(vision, 'patch_size'),
         'hidden_act': 'gelu',
         'layer_norm_eps': 1e-6,
         'layer_scale_init_value': 0.1,
@@ -250,7 +259,7 @@ def make_config(variant, ids):
 def preprocessor_config(variant):
     """Return the hub-style ``preprocessor_config.json`` dict (GotOcr2 image processor)."""
     spec = variant_spec(variant)
-    tile = spec['vision']['image_size']
+    tile = square_size(spec['vision'], 'image_size')
     # As saved by the conversion script: crop_to_patches false here, the InternVLProcessor
     # turns it on at call time.
     return {
@@ -278,49 +287,23 @@ def preprocessor_config(variant):
     }
 
 
-def _write_json(path, data):
-    """Write ``data`` as pretty-printed json."""
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write('\n')
-
-
-def _hubify_config(path):
-    """Rewrite config.json with the keys the hub configs carry (legacy names included)."""
-    with open(path, encoding='utf-8') as f:
-        cfg = json.load(f)
-    cfg['torch_dtype'] = cfg.get('dtype', 'float32')
-    text = cfg['text_config']
-    text['rope_theta'] = text['rope_parameters']['rope_theta']
-    _write_json(path, cfg)
-
-
 def build_tiny_internvl(out_dir, variant='a', seed=0):
     """Write a tiny random-weight InternVL checkpoint into ``out_dir`` and return its path."""
-    import torch
-    from transformers import GenerationConfig, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
     variant_spec(variant)
     os.makedirs(out_dir, exist_ok=True)
     ids = write_tokenizer(out_dir)
-    config = make_config(variant, ids)
-    torch.manual_seed(seed)
-    with smolvlm_factory.quiet_transformers():
-        model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
-    # Larger weights than a real initialisation: well separated logits (see smolvlm_factory).
-    smolvlm_factory._reinit_weights(model, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids['endoftext_id'],
-        eos_token_id=[ids['im_end_id'], ids['endoftext_id']],
-        pad_token_id=ids['endoftext_id'],
-    )
-    with smolvlm_factory.quiet_transformers():
-        model.save_pretrained(out_dir)
-    _hubify_config(os.path.join(out_dir, 'config.json'))
-    _write_json(os.path.join(out_dir, 'preprocessor_config.json'), preprocessor_config(variant))
-    _write_json(os.path.join(out_dir, 'processor_config.json'),
-                {'image_seq_length': image_seq_length(variant),
-                 'processor_class': 'InternVLProcessor'})
+    model = hub_files.random_model(InternVLForConditionalGeneration, make_config(variant, ids),
+                                   seed)
+    hub_files.save_checkpoint(
+        model, out_dir,
+        generation={'bos_token_id': ids['endoftext_id'],
+                    'eos_token_id': [ids['im_end_id'], ids['endoftext_id']],
+                    'pad_token_id': ids['endoftext_id']},
+        preprocessor=preprocessor_config(variant),
+        processor={'image_seq_length': image_seq_length(variant),
+                   'processor_class': 'InternVLProcessor'})
     return out_dir
 
 
@@ -328,48 +311,8 @@ def load_processor(model_dir):
     """
     Load the transformers ``InternVLProcessor`` of a saved model directory (no network).
 
-    ``AutoProcessor`` is tried first.  transformers insists on building the InternVL video
-    processor, which needs torchvision; without it the processor is assembled from the same
-    files by hand (the PIL GotOcr2 image processor, tokenizer, chat template,
-    image_seq_length) with a generic video processor that images never use.
+    ``AutoProcessor`` first; transformers insists on building the InternVL video processor,
+    which needs torchvision, and without it the processor is assembled from the same files
+    by hand (``hub_files.load_processor``).
     """
-    from transformers import AutoProcessor
-
-    try:
-        with smolvlm_factory.quiet_transformers():
-            return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    except (ImportError, ValueError) as exc:  # the video processor raises ValueError
-        if 'orchvision' not in str(exc):
-            raise
-    with smolvlm_factory.quiet_transformers():
-        return _assemble_processor(model_dir)
-
-
-def _assemble_processor(model_dir):
-    """Build an ``InternVLProcessor`` from the files of ``model_dir`` without torchvision."""
-    from transformers import AutoImageProcessor, AutoTokenizer, InternVLProcessor
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    with open(os.path.join(model_dir, 'processor_config.json'), encoding='utf-8') as f:
-        proc_cfg = json.load(f)
-    with open(os.path.join(model_dir, 'chat_template.json'), encoding='utf-8') as f:
-        chat_template = json.load(f)['chat_template']
-    image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-
-    class _ImageOnlyInternVLProcessor(InternVLProcessor):
-        """InternVLProcessor that accepts a generic video processor."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            """Skip the class check of the video processor (needs torchvision)."""
-            if argument_name == 'video_processor':
-                return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return _ImageOnlyInternVLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),
-        image_seq_length=proc_cfg['image_seq_length'],
-        chat_template=chat_template,
-    )
+    return hub_files.load_processor(model_dir, 'InternVLProcessor', 'image_seq_length')

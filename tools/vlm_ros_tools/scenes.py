@@ -239,7 +239,8 @@ def render(scene, size=DEFAULT_SIZE):
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
             draw.polygon(points, fill=fill)
-    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    # Image.LANCZOS, not Image.Resampling.LANCZOS: Pillow 9.0 (Ubuntu 22.04) has no Resampling.
+    image = image.resize((size, size), Image.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32)
     if scene.noise > 0:
         noise = np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, pixels.shape)

@@ -7,14 +7,14 @@ preprocessor_config.json, processor_config.json, chat_template.json, tokenizer.j
 tokenizer_config.json, special_tokens_map.json, model.safetensors) for a model of a few
 hundred kilobytes.  Nothing is downloaded.  Weights are drawn with a larger standard
 deviation than a real initialisation so that the logits of the random model are well
-separated and greedy decoding is a meaningful parity check.
+separated and greedy decoding is a meaningful parity check (``hub_files.reinit_weights``).
 """
 
-import contextlib
-import json
 import os
 
-from . import tiny_tokenizer
+from . import hub_files, tiny_tokenizer
+# The benchmarks import quiet_transformers from here.
+from .hub_files import quiet_transformers  # noqa: F401
 
 # Tiny shapes.  image_seq_len = (tile / patch)**2 / scale_factor**2 and the preprocessor
 # resizes the longest edge to 4 tiles, like the real 2048 / 512.
@@ -40,9 +40,6 @@ VARIANTS = {
         'tiles_per_edge': 4,
     },
 }
-
-# Standard deviation of the random weights (see module docstring).
-WEIGHT_STD = 0.2
 
 
 def variant_spec(variant):
@@ -98,26 +95,6 @@ def config_from_spec(spec, ids):
     )
 
 
-def _reinit_weights(model, seed):
-    """Draw every parameter from a seeded generator (deterministic, well separated logits)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    seen = set()
-    with torch.no_grad():
-        for name, param in model.named_parameters(remove_duplicate=True):
-            if param.data_ptr() in seen:
-                continue
-            seen.add(param.data_ptr())
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            if param.ndim >= 2:
-                param.copy_(noise * WEIGHT_STD)
-            elif name.endswith('bias'):
-                param.copy_(noise * 0.02)
-            else:  # LayerNorm / RMSNorm scales
-                param.copy_(1.0 + noise * 0.1)
-
-
 def preprocessor_config(variant):
     """Return the hub-style ``preprocessor_config.json`` dict."""
     spec = variant_spec(variant)
@@ -146,70 +123,46 @@ def image_processor_config(tile, tiles_per_edge, do_image_splitting):
     }
 
 
-def hubify_config(path, tiles_per_edge):
-    """Rewrite config.json with the keys the hub configs carry (legacy names included)."""
-    with open(path, encoding='utf-8') as f:
-        cfg = json.load(f)
+def _hub_config_keys(cfg, tiles_per_edge):
+    """Add the keys SmolVLM hub configs carry (legacy names included) to ``config.json``."""
     if '_pad_token_id' in cfg:
         cfg['pad_token_id'] = cfg.pop('_pad_token_id')
-    cfg['torch_dtype'] = cfg.get('dtype', 'float32')
-    text = cfg['text_config']
-    text['rope_theta'] = text['rope_parameters']['rope_theta']
     vision = cfg['vision_config']
     tile = vision['image_size']
     vision['max_image_size'] = {'longest_edge': tile}
     vision['size'] = {'longest_edge': tiles_per_edge * tile}
-    cfg['vocab_size'] = text['vocab_size']
-    _write_json(path, cfg)
+    cfg['vocab_size'] = cfg['text_config']['vocab_size']
 
 
-def _write_json(path, data):
-    """Write ``data`` as pretty-printed json."""
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write('\n')
+def save_checkpoint(model, ids, out_dir, preprocessor, image_seq_len, tiles_per_edge):
+    """
+    Save a SmolVLM and every config file of the hub layout into ``out_dir``.
 
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' progress bars and advisory warnings inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+    ``ids`` are the tokenizer's special ids (``tiny_tokenizer.token_ids``), ``preprocessor``
+    the ``preprocessor_config.json`` dict, ``image_seq_len`` the image tokens per tile and
+    ``tiles_per_edge`` how many tiles the longest edge is resized to.
+    """
+    hub_files.save_checkpoint(
+        model, out_dir,
+        generation={'bos_token_id': ids['bos_token_id'],
+                    'eos_token_id': [ids['im_end_token_id'], ids['eos_token_id']],
+                    'pad_token_id': ids['pad_token_id']},
+        preprocessor=preprocessor,
+        processor={'image_seq_len': image_seq_len, 'processor_class': 'SmolVLMProcessor'},
+        edit_config=lambda cfg: _hub_config_keys(cfg, tiles_per_edge))
 
 
 def build_tiny_smolvlm(out_dir, variant='a', seed=0):
     """Write a tiny random-weight SmolVLM checkpoint into ``out_dir`` and return its path."""
-    import torch
-    from transformers import GenerationConfig, SmolVLMForConditionalGeneration
+    from transformers import SmolVLMForConditionalGeneration
 
-    variant_spec(variant)
+    spec = variant_spec(variant)
     os.makedirs(out_dir, exist_ok=True)
     ids = tiny_tokenizer.write_tiny_tokenizer(out_dir)
-    config = make_config(variant, ids)
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config).to(torch.float32).eval()
-    _reinit_weights(model, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids['bos_token_id'],
-        eos_token_id=[ids['im_end_token_id'], ids['eos_token_id']],
-        pad_token_id=ids['pad_token_id'],
-    )
-    with quiet_transformers():
-        model.save_pretrained(out_dir)
-    hubify_config(os.path.join(out_dir, 'config.json'), variant_spec(variant)['tiles_per_edge'])
-    _write_json(os.path.join(out_dir, 'preprocessor_config.json'), preprocessor_config(variant))
-    _write_json(os.path.join(out_dir, 'processor_config.json'),
-                {'image_seq_len': image_seq_len(variant), 'processor_class': 'SmolVLMProcessor'})
+    model = hub_files.random_model(SmolVLMForConditionalGeneration, make_config(variant, ids),
+                                   seed)
+    save_checkpoint(model, ids, out_dir, preprocessor_config(variant), image_seq_len(variant),
+                    spec['tiles_per_edge'])
     return out_dir
 
 
@@ -234,51 +187,10 @@ def _num2words_fallback(number):
 
 def load_processor(model_dir):
     """
-    Load the transformers processor of a saved model directory (no network).
+    Load the transformers ``SmolVLMProcessor`` of a saved model directory (no network).
 
-    ``AutoProcessor`` is tried first.  transformers also insists on building the video
-    processor, which needs torchvision; without it the processor is assembled from the
-    same files by hand (PIL image processor, tokenizer, chat template, image_seq_len) with
-    a generic video processor that images never use.
+    ``AutoProcessor`` first; without torchvision it is assembled from the same files by hand
+    (``hub_files.load_processor``).
     """
-    from transformers import AutoProcessor
-
     ensure_processor_importable()
-    try:
-        with quiet_transformers():
-            return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    except ImportError as exc:
-        if 'orchvision' not in str(exc):
-            raise
-    with quiet_transformers():
-        return _assemble_processor(model_dir)
-
-
-def _assemble_processor(model_dir):
-    """Build a ``SmolVLMProcessor`` from the files of ``model_dir`` without torchvision."""
-    from transformers import AutoImageProcessor, AutoTokenizer, SmolVLMProcessor
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    with open(os.path.join(model_dir, 'processor_config.json'), encoding='utf-8') as f:
-        proc_cfg = json.load(f)
-    with open(os.path.join(model_dir, 'chat_template.json'), encoding='utf-8') as f:
-        chat_template = json.load(f)['chat_template']
-    image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-
-    class _ImageOnlySmolVLMProcessor(SmolVLMProcessor):
-        """SmolVLMProcessor that accepts a generic video processor."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            """Skip the class check of the video processor (needs torchvision)."""
-            if argument_name == 'video_processor':
-                return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return _ImageOnlySmolVLMProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),
-        image_seq_len=proc_cfg['image_seq_len'],
-        chat_template=chat_template,
-    )
+    return hub_files.load_processor(model_dir, 'SmolVLMProcessor', 'image_seq_len')

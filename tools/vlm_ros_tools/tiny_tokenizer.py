@@ -11,11 +11,12 @@ small built-in English text, locally and deterministically, and writes
 ``chat_template.json`` the way the hub repositories do.
 """
 
-import json
 import os
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, Tokenizer
 from tokenizers import trainers
+
+from . import hub_files
 
 BOS_TOKEN = '<|im_start|>'
 PAD_TOKEN = '<|im_end|>'
@@ -83,6 +84,35 @@ def _added_tokens():
     return tokens
 
 
+def train_byte_level_bpe(tokenizer, vocab_size, lines, special_tokens=(), added_tokens=()):
+    """
+    Train ``tokenizer`` (a byte-level BPE pipeline) on ``lines``; return it.
+
+    ``special_tokens`` are trained in first (ids 0, 1, ...), ``added_tokens`` are added
+    after the trained vocabulary; both are special and not normalised.
+    """
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=_special(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    tokenizer.add_special_tokens(_special(added_tokens))
+    return tokenizer
+
+
+def _special(tokens):
+    """Return ``tokens`` as special, not normalised ``AddedToken``s."""
+    return [AddedToken(t, special=True, normalized=False) for t in tokens]
+
+
+def training_lines():
+    """Return the non-empty lines of the built-in ``TRAINING_TEXT``."""
+    return [line for line in TRAINING_TEXT.splitlines() if line]
+
+
 def build_tiny_tokenizer(base_vocab_size=BASE_VOCAB_SIZE, lines=None):
     """Train and return the tiny SmolVLM-style ``tokenizers.Tokenizer`` (on ``lines``)."""
     tokenizer = Tokenizer(models.BPE(fuse_unk=False))
@@ -92,45 +122,42 @@ def build_tiny_tokenizer(base_vocab_size=BASE_VOCAB_SIZE, lines=None):
     ])
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=base_vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[AddedToken(t, special=True, normalized=False)
-                        for t in BASE_SPECIAL_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    if lines is None:
-        lines = [line for line in TRAINING_TEXT.splitlines() if line]
-    tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in _added_tokens()])
-    return tokenizer
+    return train_byte_level_bpe(tokenizer, base_vocab_size,
+                                training_lines() if lines is None else lines,
+                                BASE_SPECIAL_TOKENS, _added_tokens())
 
 
-def _token_entry(content):
+def token_entry(content):
     """Return the serialised form of a special token as in the hub json files."""
     return {'content': content, 'lstrip': False, 'normalized': False,
             'rstrip': False, 'single_word': False}
 
 
+# The benchmarks' padded tokenizer uses these two by their old names.
+_token_entry = token_entry
+
+
 def _write_json(path, data):
-    """Write ``data`` as pretty-printed json (hub style)."""
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write('\n')
+    """Write ``data`` as pretty-printed json, keys in their order (hub style)."""
+    hub_files.write_json(path, data, sort_keys=False)
+
+
+def added_tokens_decoder(tokenizer, tokens):
+    """Return ``tokenizer_config.json``'s ``added_tokens_decoder`` entries of ``tokens``."""
+    added = {}
+    for token in tokens:
+        entry = token_entry(token)
+        entry['special'] = True
+        added[str(tokenizer.token_to_id(token))] = entry
+    return added
 
 
 def tokenizer_config(tokenizer):
     """Return the ``tokenizer_config.json`` dict for ``tokenizer``."""
-    added = {}
-    for token in BASE_SPECIAL_TOKENS + _added_tokens():
-        entry = _token_entry(token)
-        entry['special'] = True
-        added[str(tokenizer.token_to_id(token))] = entry
     return {
         'add_prefix_space': False,
-        'added_tokens_decoder': added,
+        'added_tokens_decoder': added_tokens_decoder(tokenizer,
+                                                     BASE_SPECIAL_TOKENS + _added_tokens()),
         'additional_special_tokens': [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN],
         'bos_token': BOS_TOKEN,
         'clean_up_tokenization_spaces': False,
@@ -160,11 +187,11 @@ def special_tokens_map():
     """Return the ``special_tokens_map.json`` dict."""
     return {
         'additional_special_tokens': [
-            _token_entry(t) for t in (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN)],
-        'bos_token': _token_entry(BOS_TOKEN),
-        'eos_token': _token_entry(EOS_TOKEN),
-        'pad_token': _token_entry(PAD_TOKEN),
-        'unk_token': _token_entry(UNK_TOKEN),
+            token_entry(t) for t in (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN)],
+        'bos_token': token_entry(BOS_TOKEN),
+        'eos_token': token_entry(EOS_TOKEN),
+        'pad_token': token_entry(PAD_TOKEN),
+        'unk_token': token_entry(UNK_TOKEN),
     }
 
 
@@ -180,12 +207,31 @@ def token_ids(tokenizer):
     }
 
 
-def write_tiny_tokenizer(out_dir):
-    """Write the tokenizer files into ``out_dir``; return the special token ids."""
+def write_tokenizer_files(out_dir, tokenizer, config, special_tokens, chat_template,
+                          sort_keys=False):
+    """
+    Write ``tokenizer.json`` and the three json files a hub tokenizer comes with.
+
+    ``config`` and ``special_tokens`` are the ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` dicts; ``sort_keys`` sorts their keys on writing.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
     tokenizer.save(os.path.join(out_dir, 'tokenizer.json'))
-    _write_json(os.path.join(out_dir, 'tokenizer_config.json'), tokenizer_config(tokenizer))
-    _write_json(os.path.join(out_dir, 'special_tokens_map.json'), special_tokens_map())
-    _write_json(os.path.join(out_dir, 'chat_template.json'), {'chat_template': CHAT_TEMPLATE})
+    for name, data in (('tokenizer_config.json', config),
+                       ('special_tokens_map.json', special_tokens),
+                       ('chat_template.json', {'chat_template': chat_template})):
+        hub_files.write_json(os.path.join(out_dir, name), data, sort_keys=sort_keys)
+
+
+def write_tiny_tokenizer(out_dir, tokenizer=None, sort_keys=False):
+    """
+    Write the tokenizer files into ``out_dir``; return the special token ids.
+
+    ``tokenizer`` is ``build_tiny_tokenizer()``'s unless given (one trained on other text);
+    ``sort_keys`` sorts the json files' keys (as the default model's shipped files have them).
+    """
+    if tokenizer is None:
+        tokenizer = build_tiny_tokenizer()
+    write_tokenizer_files(out_dir, tokenizer, tokenizer_config(tokenizer), special_tokens_map(),
+                          CHAT_TEMPLATE, sort_keys)
     return token_ids(tokenizer)

@@ -23,7 +23,6 @@ reproducible on the same library versions and thread count.
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -32,7 +31,7 @@ import time
 
 import numpy as np
 
-from . import scenes, smolvlm_factory, tiny_tokenizer
+from . import hub_files, scenes, smolvlm_factory, tiny_tokenizer
 
 TILE = 96
 # Shapes of the model (SmolVLMConfig vision_config / text_config).
@@ -67,14 +66,7 @@ KEEP = ('MODEL_CARD.md',)
 def write_tokenizer(out_dir, seed=0):
     """Write the tokenizer files trained on the scene text; return the special ids."""
     tokenizer = tiny_tokenizer.build_tiny_tokenizer(BASE_VOCAB_SIZE, scenes.corpus_lines(seed))
-    tokenizer.save(os.path.join(out_dir, 'tokenizer.json'))
-    _write_json(os.path.join(out_dir, 'tokenizer_config.json'),
-                tiny_tokenizer.tokenizer_config(tokenizer))
-    _write_json(os.path.join(out_dir, 'special_tokens_map.json'),
-                tiny_tokenizer.special_tokens_map())
-    _write_json(os.path.join(out_dir, 'chat_template.json'),
-                {'chat_template': tiny_tokenizer.CHAT_TEMPLATE})
-    return tiny_tokenizer.token_ids(tokenizer)
+    return tiny_tokenizer.write_tiny_tokenizer(out_dir, tokenizer, sort_keys=True)
 
 
 def image_seq_len():
@@ -93,28 +85,10 @@ def preprocessor_config():
     return smolvlm_factory.image_processor_config(TILE, 1, do_image_splitting=False)
 
 
-def _write_json(path, data):
-    """Write ``data`` as pretty-printed json."""
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write('\n')
-
-
 def save_checkpoint(model, ids, out_dir):
     """Save weights and every config file of the hub layout into ``out_dir``."""
-    from transformers import GenerationConfig
-
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids['bos_token_id'],
-        eos_token_id=[ids['im_end_token_id'], ids['eos_token_id']],
-        pad_token_id=ids['pad_token_id'],
-    )
-    with smolvlm_factory.quiet_transformers():
-        model.save_pretrained(out_dir)
-    smolvlm_factory.hubify_config(os.path.join(out_dir, 'config.json'), 1)
-    _write_json(os.path.join(out_dir, 'preprocessor_config.json'), preprocessor_config())
-    _write_json(os.path.join(out_dir, 'processor_config.json'),
-                {'image_seq_len': image_seq_len(), 'processor_class': 'SmolVLMProcessor'})
+    smolvlm_factory.save_checkpoint(model, ids, out_dir, preprocessor_config(), image_seq_len(),
+                                    tiles_per_edge=1)
 
 
 # Training data ----------------------------------------------------------------------------
@@ -463,8 +437,8 @@ def write_checksums(out_dir):
             rel = os.path.relpath(path, out_dir).replace(os.sep, '/')
             if rel != CHECKSUMS:
                 sums[rel] = sha256(path)
-    _write_json(os.path.join(out_dir, CHECKSUMS),
-                {'algorithm': 'sha256', 'files': dict(sorted(sums.items()))})
+    hub_files.write_json(os.path.join(out_dir, CHECKSUMS),
+                         {'algorithm': 'sha256', 'files': dict(sorted(sums.items()))})
     return sums
 
 
@@ -483,7 +457,7 @@ def ship(model_dir, out_dir, info):
         dst = os.path.join(out_dir, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(os.path.join(model_dir, rel), dst)
-    _write_json(os.path.join(out_dir, 'vlm_ros.json'), {'label': LABEL, **info})
+    hub_files.write_json(os.path.join(out_dir, 'vlm_ros.json'), {'label': LABEL, **info})
     write_checksums(out_dir)
 
 
