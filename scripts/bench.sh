@@ -8,5 +8,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 source "$ROOT/scripts/ros_env.sh"
 cd "$ROOT"
 export PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+vlm_ros_localhost_discovery
 exec python -m vlm_ros_bench "$@"

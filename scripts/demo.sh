@@ -7,6 +7,6 @@ mkdir -p "$ROOT/log"
 "$ROOT/scripts/build.sh" > "$ROOT/log/demo-build.log" 2>&1 || {
   cat "$ROOT/log/demo-build.log"; exit 1; }
 source "$ROOT/scripts/ros_env.sh"
-export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+vlm_ros_localhost_discovery
 exec "$INSTALL_BASE/vlm_ros/lib/vlm_ros/vlm_node" --ros-args \
   -p feed_type:=0 -p one_shot:=true "$@"
