@@ -16,4 +16,4 @@ Modules:
 Nothing here is imported by the runtime package.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2

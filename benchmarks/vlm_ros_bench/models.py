@@ -398,8 +398,8 @@ def fingerprint(name):
     digest.update(json.dumps(SPECS[name], sort_keys=True).encode())
     digest.update(f'build={BUILD_VERSION};'.encode())
     tools = os.path.join(REPO, 'tools', 'vlm_ros_tools')
-    for source in ('tiny_tokenizer.py', 'smolvlm_factory.py', 'export_onnx.py',
-                   'gguf_export.py'):
+    for source in ('tiny_tokenizer.py', 'smolvlm_factory.py', 'hub_files.py',
+                   'export_onnx.py', 'gguf_export.py'):
         with open(os.path.join(tools, source), 'rb') as f:
             digest.update(f.read())
     for package in ('torch', 'transformers', 'onnx', 'onnxruntime', 'gguf', 'tokenizers'):

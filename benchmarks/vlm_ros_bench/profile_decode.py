@@ -198,7 +198,7 @@ def _prefill_layout(pipe, split, repeat=3):
     comparison feeds every position as an embedding, in ``n_batch`` chunks.
     """
     import numpy as np
-    from vlm_ros.engine.families.base import ImageOptions
+    from vlm_ros.engine.datatypes import ImageOptions
 
     decoder = pipe.decoder
     request = pipe.family.prepare(common.bench_image(), common.PROMPT, '',
@@ -231,11 +231,11 @@ def profile_path(manifest, path, new_tokens, split, threads, n_ctx, repeat=3):
     """Profile one path; return a JSON-ready dict."""
     import vlm_ros
     from vlm_ros.engine import pipeline as pipeline_module
-    from vlm_ros.engine.families.base import ImageOptions
+    from vlm_ros.engine.datatypes import ImageOptions
 
     files = {k: v for k, v in paths.case_files(path, manifest, split).items()
              if k.endswith('_model')}
-    kwargs = {'n_threads': threads}
+    kwargs = {'n_threads': threads, 'feature_cache_mb': 0, 'kv_cache_slots': 0}
     if path.gguf_type:
         kwargs['n_ctx'] = n_ctx
     if path.onnx_variant:

@@ -242,6 +242,8 @@ def markdown(doc):
                          f'{_cell(c["round_trip_ms"])} | {_cell(c["engine_total_ms"])} | '
                          f'{_cell(c["overhead_ms"])} | {in_process} |')
         lines.append('')
+    lines += _action_section(doc.get('action'))
+    lines += _reuse_section(doc.get('reuse') or [])
     lines += ['## Method notes', '',
               '- Models: random weights at the published shapes (see benchmarks/vlm_ros_bench/'
               "models.py), exported by the project's exporters; speed depends on shapes and "
@@ -269,6 +271,63 @@ def markdown(doc):
     elif art['chart_skipped']:
         lines += [f'Chart skipped: {art["chart_skipped"]}', '']
     return '\n'.join(lines)
+
+
+def _action_section(action):
+    """Return the markdown of the ~/generate action: feedback cost and cancel latency."""
+    lines = ['## The ~/generate action', '']
+    if not action or action['status'] != 'ok':
+        return lines + [f'Not measured: {(action or {}).get("error", "not in this run")}', '']
+    cost = action['feedback_cost_fraction']
+    step = action['cancel_tpot_ms']
+    lines += [f'{action["method"]}. Model: {action["model"]}; {action["repetitions"]} goals per '
+              f'setting, {action["new_tokens"]} new tokens.', '',
+              '| measure | median (min-max) |', '| --- | ---: |',
+              '| decode ms/token, feedback every delta | '
+              f'{_cell(action["tpot_feedback_ms"], 2)} |',
+              '| decode ms/token, feedback held back | '
+              f'{_cell(action["tpot_no_feedback_ms"], 2)} |',
+              f'| feedback cost | {"–" if cost is None else f"{100 * cost:+.1f}%"} '
+              '(target <= 3%) |',
+              f'| feedback messages per goal | {_cell(action["feedback_messages"], 0)} |',
+              f'| cancel sent -> result received, ms (after {action["cancel_after_tokens"]} '
+              f'tokens) | {_cell(action["cancel_latency_ms"])} |',
+              f'| one decode step of those goals, ms | {_cell(step, 2)} (target: latency <= '
+              'one step + 20 ms) |', '']
+    return lines
+
+
+def _reuse_section(reuse):
+    """Return the markdown of the reuse measurement: follow-ups and conversation turns."""
+    if not reuse:
+        return []
+    lines = ['## Reuse: feature and prefix caches', '',
+             'Time to first token (preprocess + vision + prefill) with the caches on; image '
+             'splitting off; images never seen before in each repetition. Target: a '
+             "follow-up on the same frame at most 15% of the first question's.", '',
+             '| model | path | first question ms | follow-up, same image ms | follow-up / '
+             'first | new image, same size ms | tokens reused: follow-up / new image |',
+             '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+    for r in reuse:
+        if r['status'] != 'ok':
+            lines.append(f'| {r["model"]} | {r["path"]} | error: {r["error"][:120]} |'
+                         ' | | | |')
+            continue
+        lines.append(f'| {r["model"]} | {r["path"]} | {_cell(r["first_ttft_ms"])} | '
+                     f'{_cell(r["follow_up_ttft_ms"])} | {_pct(r["follow_up_fraction"])} | '
+                     f'{_cell(r["new_image_ttft_ms"])} | '
+                     f'{_fmt(r["follow_up_cached_tokens"]["median"], 0)} / '
+                     f'{_fmt(r["new_image_cached_tokens"]["median"], 0)} |')
+    lines += ['', 'A conversation, turn by turn (the image shown in turn 1, scripted answers '
+              'fed back as history):', '',
+              '| model | path | turn | prompt tokens | prefilled tokens | TTFT ms |',
+              '| --- | --- | ---: | ---: | ---: | ---: |']
+    for r in reuse:
+        for t in r['turns']:
+            lines.append(f'| {r["model"]} | {r["path"]} | {t["turn"]} | {t["prompt_tokens"]} | '
+                         f'{_fmt(t["prefilled_tokens"]["median"], 0)} | '
+                         f'{_cell(t["ttft_ms"])} |')
+    return lines + ['']
 
 
 # -- chart ----------------------------------------------------------------------------------

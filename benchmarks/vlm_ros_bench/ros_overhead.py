@@ -15,6 +15,7 @@ runs in a fresh process (``python -m vlm_ros_bench.ros_overhead SPEC OUT``): Fas
 its profiles file once per process.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,7 +112,7 @@ def _local_costs(fields, repeat=10):
     What remains of the overhead is transport and the hand-offs between threads.
     """
     from rclpy.serialization import deserialize_message, serialize_message
-    from vlm_ros.ros import image_conversion
+    from vlm_ros.ros import messages
     from vlm_ros_interfaces.srv import Query
 
     request = Query.Request(**fields)
@@ -119,10 +120,10 @@ def _local_costs(fields, repeat=10):
     received = deserialize_message(raw, Query.Request)
     if 'image' in fields:
         def convert():
-            return image_conversion.image_msg_to_array(received.image)
+            return messages.image_to_array(received.image)
     else:
         def convert():
-            return image_conversion.compressed_msg_to_array(received.compressed_image)
+            return messages.compressed_to_array(received.compressed_image)
 
     def median_ms(fn):
         times = []
@@ -176,8 +177,6 @@ class _Client:
 def measure(model_dir, model_label, threads, reps, warmup, log_path, new_tokens=2,
             timeout=120.0):
     """Start the node on ``model_dir`` and measure every image case; return a dict."""
-    from vlm_ros_interfaces.srv import Query
-
     out = {'status': 'ok', 'error': None, 'model': model_label, 'model_dir': model_dir,
            'node': NODE_NAME, 'threads': threads, 'repetitions': reps, 'warmup': warmup,
            'new_tokens': new_tokens, 'cases': [],
@@ -185,16 +184,18 @@ def measure(model_dir, model_label, threads, reps, warmup, log_path, new_tokens=
                       '(spin_until_future_complete) minus the response total_ms; the node '
                       'runs as its own process on the same host (Fast DDS, discovery '
                       'LOCALHOST)')}
-    env = dict(os.environ)
-    env.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
-    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
-    cmd = [_node_executable(), '--ros-args', '-r', f'__node:={NODE_NAME}',
-           '-p', f'model_dir:={model_dir}', '-p', f'n_threads:={threads}',
-           '-p', f'max_new_tokens:={new_tokens}', '-p', 'queue_size:=2',
-           '-p', 'do_image_splitting:=false']
-    log = open(log_path, 'w')
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    args = ['-p', f'model_dir:={model_dir}', '-p', f'n_threads:={threads}',
+            '-p', f'max_new_tokens:={new_tokens}', '-p', 'queue_size:=2',
+            '-p', 'do_image_splitting:=false']
+    with running_node(NODE_NAME, args, log_path):
+        _measure_cases(out, reps, warmup, new_tokens, timeout)
+    return out
+
+
+def _measure_cases(out, reps, warmup, new_tokens, timeout):
+    """Call the running node with every image case; fill ``out``."""
+    from vlm_ros_interfaces.srv import Query
+
     client = None
     try:
         client = _Client()
@@ -240,15 +241,36 @@ def measure(model_dir, model_label, threads, reps, warmup, log_path, new_tokens=
     finally:
         if client is not None:
             client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
-    return out
+
+
+@contextlib.contextmanager
+def running_node(name, ros_args, log_path):
+    """
+    Run the installed vlm_node as ``name`` with ``ros_args`` while the block runs.
+
+    Its own process, on a DDS domain of this process's and discovery limited to this host
+    (the variable the distribution reads); its output goes to ``log_path``; SIGINT at the end.
+    """
+    env = dict(os.environ)
+    env.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
+    if env.get('ROS_DISTRO') == 'humble':  # Humble reads only this one
+        env.setdefault('ROS_LOCALHOST_ONLY', '1')
+    else:
+        env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ.update({k: v for k, v in env.items() if k.startswith('ROS_')})
+    cmd = [_node_executable(), '--ros-args', '-r', f'__node:={name}', *ros_args]
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def _measure_spec(spec):

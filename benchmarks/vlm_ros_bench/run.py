@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 
-from vlm_ros_bench import common, hardware, models, paths, report, schema, SCHEMA_VERSION
+from vlm_ros_bench import (action_stream, common, hardware, models, paths, report, schema,
+                           SCHEMA_VERSION)
 
 DEFAULT_MODELS = ('smolvlm2-256m', 'smolvlm2-500m')
 
@@ -46,11 +47,20 @@ def add_arguments(parser):
     parser.add_argument('--group-splits', action=argparse.BooleanOptionalAction, default=None,
                         help='measure split off and on in one process per path (default: '
                              'only with --tiny)')
-    parser.add_argument('--no-ros', action='store_true', help='skip the ROS overhead')
+    parser.add_argument('--no-ros', action='store_true',
+                        help='skip the ROS overhead (the action has --no-action)')
     parser.add_argument('--ros-model', default='tiny',
                         help="model the node runs for the ROS overhead: 'tiny' (isolates ROS "
                              'costs, the default) or a benchmark model name')
     parser.add_argument('--ros-reps', type=int, default=None, help='calls per image (20)')
+    parser.add_argument('--no-action', action='store_true',
+                        help='skip the ~/generate action (feedback cost, cancel latency)')
+    parser.add_argument('--action-reps', type=int, default=None,
+                        help='goals per setting for the action measurement (10)')
+    parser.add_argument('--no-reuse', action='store_true',
+                        help='skip the reuse measurement (feature and prefix caches)')
+    parser.add_argument('--reuse-reps', type=int, default=None,
+                        help='repetitions of the reuse measurement (5)')
     parser.add_argument('--bandwidth-mb', type=int, default=None, help='array size (1024)')
     parser.add_argument('--matmul-n', type=int, default=None, help='matrix size (2048)')
     parser.add_argument('--out', default=os.path.join(common.BENCH_DIR, 'results'))
@@ -118,7 +128,7 @@ def _hardware(settings, args, workdir):
 def _prompt_lengths(manifest, settings):
     """Prompt length (image tokens included) per split, as our pipeline lays it out."""
     from vlm_ros.engine.families import load_family
-    from vlm_ros.engine.families.base import ImageOptions
+    from vlm_ros.engine.datatypes import ImageOptions
 
     family = load_family(manifest['model_dir'])
     image = common.bench_image()
@@ -194,6 +204,54 @@ def _ros(settings, args, workdir):
                 'cases': []}
 
 
+def _action(settings, args, manifests, workdir):
+    """Measure ~/generate on the first model's int8 vision + Q8_0 files (or the tiny one)."""
+    if args.no_action:
+        return action_stream.skipped('skipped (--no-action)')
+    manifest = manifests[0]
+    files = paths.case_files(paths.BY_NAME['onnx-int8-vision+llamacpp-q8_0'], manifest, False)
+    node_args = ['-p', f'model_file_name:={files["vision_model"]}',
+                 '-p', f'llm_model_name:={files["decoder_model"]}',
+                 '-p', f'n_ctx:={settings["n_ctx"]}']
+    label = f'{manifest["name"]} (int8 vision + llama.cpp Q8_0)'
+    reps = args.action_reps or (2 if args.tiny else 10)
+    _log(f'~/generate action: vlm_node on {label}, {reps} goals per setting')
+    return action_stream.measure_in_child(manifest['model_dir'], label, node_args,
+                                          settings['threads'], reps, settings['new_tokens'],
+                                          workdir)
+
+
+REUSE_PATHS = ('onnx-int8', 'onnx-int8-vision+llamacpp-q8_0')
+
+
+def _reuse(settings, args, manifests, workdir):
+    """Measure the caches on the first model: follow-ups and conversation turns."""
+    if args.no_reuse:
+        return []
+    manifest = manifests[0]
+    reps = args.reuse_reps or (1 if args.tiny else 5)
+    out = []
+    for name in REUSE_PATHS:
+        files = {k: v for k, v in paths.case_files(paths.BY_NAME[name], manifest, False).items()
+                 if k.endswith('_model')}
+        spec = {'model_dir': manifest['model_dir'], 'files': files, 'path': name,
+                'threads': settings['threads'], 'n_ctx': settings['n_ctx'], 'reps': reps,
+                'new_tokens': 4}
+        _log(f'reuse: {manifest["name"]} {name}, {reps} repetitions')
+        part, failure = common.run_child('vlm_ros_bench.reuse', spec,
+                                         os.path.join(workdir, f'reuse-{name}'),
+                                         common.child_env(settings['threads']),
+                                         args.timeout, 'reuse process')
+        if part is None:
+            part = {'path': name, 'status': 'error', 'error': failure, 'repetitions': reps,
+                    'first_ttft_ms': None, 'follow_up_ttft_ms': None, 'new_image_ttft_ms': None,
+                    'follow_up_fraction': None, 'follow_up_cached_tokens': None,
+                    'new_image_cached_tokens': None, 'turns': []}
+        part['model'] = manifest['name']
+        out.append(part)
+    return out
+
+
 def _write(doc):
     """Draw the chart, check the schema, write JSON and markdown."""
     skipped = report.chart(doc, doc['artifacts']['json'][:-len('.json')] + '.png')
@@ -248,6 +306,8 @@ def run(args, argv):
     for manifest in manifests:
         runs += _measure_model(manifest, settings, args, hw, workdir)
     ros = _ros(settings, args, workdir)
+    action = _action(settings, args, manifests, workdir)
+    reuse = _reuse(settings, args, manifests, workdir)
     stem = os.path.join(os.path.abspath(args.out), args.name)
     doc = {
         'schema_version': SCHEMA_VERSION,
@@ -263,6 +323,8 @@ def run(args, argv):
         'runs': runs,
         'decode_overhead': report.decode_overhead(runs),
         'ros_overhead': ros,
+        'action': action,
+        'reuse': reuse,
         'artifacts': {'json': stem + '.json', 'markdown': stem + '.md', 'chart': stem + '.png',
                       'chart_skipped': None},
     }

@@ -86,6 +86,17 @@ ROS_CASE = {'name': str, 'encoding': str, 'width': int, 'height': int, 'message_
             'round_trip_ms': opt(STATS), 'engine_total_ms': opt(STATS),
             'overhead_ms': opt(STATS), 'errors': list, 'transport': str}
 ROS = {'status': str, 'error': opt(str), 'model': opt(str), 'cases': ListOf(ROS_CASE)}
+ACTION = {'status': str, 'error': opt(str), 'model': opt(str), 'threads': int,
+          'repetitions': int, 'new_tokens': int, 'cancel_after_tokens': int,
+          'tpot_feedback_ms': opt(STATS), 'tpot_no_feedback_ms': opt(STATS),
+          'feedback_cost_fraction': opt(NUM), 'cancel_latency_ms': opt(STATS),
+          'cancel_tpot_ms': opt(STATS), 'feedback_messages': opt(STATS), 'method': str}
+REUSE_TURN = {'turn': int, 'prompt_tokens': int, 'prefilled_tokens': STATS, 'ttft_ms': STATS}
+REUSE = {'model': str, 'path': str, 'status': str, 'error': opt(str), 'repetitions': int,
+         'first_ttft_ms': opt(STATS), 'follow_up_ttft_ms': opt(STATS),
+         'new_image_ttft_ms': opt(STATS), 'follow_up_fraction': opt(NUM),
+         'follow_up_cached_tokens': opt(STATS), 'new_image_cached_tokens': opt(STATS),
+         'turns': ListOf(REUSE_TURN)}
 OVERHEAD = {'model': str, 'split': bool, 'gguf_type': str, 'path': str, 'pipeline_tpot_ms': NUM,
             'raw_tpot_ms': NUM, 'overhead_ms_per_token': NUM, 'overhead_fraction': NUM}
 DOCUMENT = {
@@ -96,7 +107,8 @@ DOCUMENT = {
                  'group_splits': bool, 'paths': ListOf(str), 'models': ListOf(str),
                  'ignore_eos': bool},
     'machine': MACHINE, 'hardware': HARDWARE, 'models': ListOf(MODEL), 'runs': ListOf(RUN),
-    'decode_overhead': ListOf(OVERHEAD), 'ros_overhead': ROS,
+    'decode_overhead': ListOf(OVERHEAD), 'ros_overhead': ROS, 'action': ACTION,
+    'reuse': ListOf(REUSE),
     'artifacts': {'json': str, 'markdown': str, 'chart': opt(str), 'chart_skipped': opt(str)},
 }
 

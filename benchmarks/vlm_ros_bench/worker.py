@@ -48,7 +48,10 @@ class PipelineRunner:
             return
         self.pipe = None
         start = time.perf_counter()
-        kwargs = {'n_threads': self.spec['threads']}
+        # No reuse between repetitions: every one pays vision and prefill (the reuse
+        # benchmark, reuse.py, measures the caches).
+        kwargs = {'n_threads': self.spec['threads'], 'feature_cache_mb': 0,
+                  'kv_cache_slots': 0}
         if str(files.get('decoder_model', '')).endswith('.gguf'):
             kwargs['n_ctx'] = self.spec['n_ctx']
         if self.spec['path']['onnx_variant']:
@@ -58,7 +61,7 @@ class PipelineRunner:
         self.load_ms = _ms(start)
 
     def run(self, case, image):
-        from vlm_ros.engine.families.base import ImageOptions
+        from vlm_ros.engine.datatypes import ImageOptions
 
         options = ImageOptions(do_image_splitting=bool(case['split']))
         start = time.perf_counter()
