@@ -28,6 +28,8 @@ setup(
         ('share/' + package_name + '/launch', glob.glob('launch/*.launch.py')),
         ('share/' + package_name + '/config',
          glob.glob('config/*.yaml') + glob.glob('config/*.xml')),
+        # vlm_models' catalogue: in its own folder, so config/*.yaml stay parameter files.
+        ('share/' + package_name + '/config/catalogue', glob.glob('config/catalogue/*.yaml')),
     ] + share_tree('models') + share_tree('samples'),
     install_requires=['setuptools'],
     zip_safe=True,
@@ -40,6 +42,8 @@ setup(
         'console_scripts': [
             'vlm_node = vlm_ros.ros.node:main',
             'vlm_ask = vlm_ros.engine.cli:main',
+            'vlm_serve = vlm_ros.serve.main:main',
+            'vlm_models = vlm_ros.models_cli.main:main',
         ],
     },
 )

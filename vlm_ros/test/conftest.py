@@ -4,12 +4,14 @@ import fcntl
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+import httpx
 import pytest
 
 
@@ -36,9 +38,18 @@ def _claim_domain():
 
 # One DDS domain per pytest process, discovery on this host only: parallel runs and other
 # sessions on the machine never see each other's nodes. The lock lives as long as the process.
+# Humble (and older) read only ROS_LOCALHOST_ONLY; Iron and later read
+# ROS_AUTOMATIC_DISCOVERY_RANGE and warn that ROS_LOCALHOST_ONLY is deprecated, so each gets
+# only its own variable (the Humble stand-in, ROS_DISTRO=humble, runs Jazzy's rclpy, which
+# still honours ROS_LOCALHOST_ONLY=1).
 _DOMAIN, _DOMAIN_LOCK = _claim_domain()
 os.environ['ROS_DOMAIN_ID'] = str(_DOMAIN)
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+if os.environ.get('ROS_DISTRO') in ('foxy', 'galactic', 'humble'):
+    os.environ['ROS_LOCALHOST_ONLY'] = '1'
+    os.environ.pop('ROS_AUTOMATIC_DISCOVERY_RANGE', None)
+else:
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ.pop('ROS_LOCALHOST_ONLY', None)
 os.environ.setdefault('RCUTILS_LOGGING_BUFFERED_STREAM', '0')
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -53,16 +64,14 @@ def installed_executable(package, name):
     return path
 
 
-class NodeProcess:
-    """A node executable started with ``--ros-args``, its output kept in a file."""
+class LoggedProcess:
+    """An installed executable running in the background, its output kept in a file."""
 
-    def __init__(self, tmp_path, *ros_args, executable=None, name='vlm_node', env=None):
-        self.log_path = tmp_path / f'{name}.log'
-        exe = executable or installed_executable('vlm_ros', 'vlm_node')
-        cmd = [str(exe), '--ros-args', *ros_args]
+    def __init__(self, log_path, cmd, env=None):
+        self.log_path = pathlib.Path(log_path)
         self._log = open(self.log_path, 'w')
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def output(self):
         return self.log_path.read_text()
@@ -88,6 +97,14 @@ class NodeProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class NodeProcess(LoggedProcess):
+    """A node executable started with ``--ros-args``."""
+
+    def __init__(self, tmp_path, *ros_args, executable=None, name='vlm_node', env=None):
+        exe = executable or installed_executable('vlm_ros', 'vlm_node')
+        super().__init__(tmp_path / f'{name}.log', [exe, '--ros-args', *ros_args], env)
 
 
 @pytest.fixture
@@ -183,3 +200,47 @@ def ros_client():
 def python_script(path, *args):
     """Command line that runs a helper script with this interpreter."""
     return [sys.executable, str(path), *map(str, args)]
+
+
+def tiny_model(builder, *args, **kwargs):
+    """
+    Return a tiny test model from ``vlm_ros_tools.model_cache`` (e.g. ``cached_test_model``).
+
+    With torch it is built when missing; without (the Humble stand-in) it is looked up in
+    what an environment with torch built, and the test skips, saying why, when it is not there.
+    """
+    from vlm_ros_tools import model_cache
+    try:
+        return getattr(model_cache, builder)(*args, **kwargs)
+    except model_cache.NotCached as exc:
+        pytest.skip(str(exc))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess(LoggedProcess):
+    """The installed vlm_serve on a free loopback port."""
+
+    def __init__(self, log_dir, *args, env=None):
+        self.port = free_port()
+        self.base = f'http://127.0.0.1:{self.port}'
+        self.url = self.base + '/v1'
+        super().__init__(pathlib.Path(log_dir) / f'vlm_serve_{self.port}.log',
+                         [installed_executable('vlm_ros', 'vlm_serve'), *args,
+                          '--port', self.port], {'PYTHONUNBUFFERED': '1', **(env or {})})
+
+    def wait_ready(self, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()[-3000:]
+            try:
+                if httpx.get(self.base + '/health', timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f'vlm_serve did not start: {self.output()[-3000:]}')

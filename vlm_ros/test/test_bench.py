@@ -48,6 +48,28 @@ def test_results_match_the_schema(tiny_results):
     assert doc['hardware']['matmul']['peak_gflops'] > 0
 
 
+def test_action_feedback_and_cancel_measured(tiny_results):
+    out, doc, _ = tiny_results
+    action = doc['action']
+    assert action['status'] == 'ok', action['error']
+    assert action['tpot_feedback_ms']['n'] == action['tpot_no_feedback_ms']['n'] == 2
+    assert action['cancel_latency_ms']['n'] == 2 and action['cancel_latency_ms']['median'] > 0
+    assert action['feedback_messages']['median'] > action['new_tokens'] // 4
+    assert '## The ~/generate action' in (out / 'tiny.md').read_text()
+
+
+def test_reuse_measured(tiny_results):
+    out, doc, _ = tiny_results
+    assert [r['path'] for r in doc['reuse']] == ['onnx-int8', 'onnx-int8-vision+llamacpp-q8_0']
+    for r in doc['reuse']:
+        assert r['status'] == 'ok', r['error']
+        assert r['follow_up_cached_tokens']['median'] > r['new_image_cached_tokens']['median']
+        turns = r['turns']
+        assert [t['turn'] for t in turns] == [1, 2, 3, 4]
+        assert all(t['prefilled_tokens']['median'] < t['prompt_tokens'] for t in turns[1:])
+    assert '## Reuse: feature and prefix caches' in (out / 'tiny.md').read_text()
+
+
 def test_every_path_and_split_ran(tiny_results):
     _, doc, _ = tiny_results
     ran = {(r['path'], r['split']) for r in doc['runs']}

@@ -8,12 +8,12 @@ vision encoder, or from llama.cpp's own projector (mmproj).
 """
 
 import os
-import time
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from reference import Reference
 from vlm_ros.engine.datatypes import GenerationConfig
 from vlm_ros.engine.errors import (GenerationError, ModelFilesError, ModelMismatchError,
                                    PromptTooLongError, UnsupportedModelError)
@@ -50,43 +50,19 @@ def _image(kind, seed=0):
                            .astype(np.uint8))
 
 
-class Reference:
-    """transformers' processor and model for one tiny model directory."""
+class SmolVLMReference(Reference):
+    """The reference plus the pieces the llama.cpp tests feed it separately."""
 
     def __init__(self, model_dir):
-        from transformers import SmolVLMForConditionalGeneration
-        self.processor = load_processor(model_dir)
-        self.model = SmolVLMForConditionalGeneration.from_pretrained(model_dir).eval()
-        self.config = self.model.config
-        generation = self.model.generation_config.eos_token_id
-        self.eos = list(generation) if isinstance(generation, (list, tuple)) else [generation]
-
-    def text(self, image=True, prompt=PROMPT):
-        content = ([{'type': 'image'}] if image else []) + [{'type': 'text', 'text': prompt}]
-        return self.processor.apply_chat_template([{'role': 'user', 'content': content}],
-                                                  add_generation_prompt=True)
-
-    def inputs(self, image, prompt=PROMPT):
-        return self.processor(text=self.text(image is not None, prompt),
-                              images=[image] if image is not None else None,
-                              return_tensors='pt')
+        super().__init__(model_dir, 'SmolVLMForConditionalGeneration', load_processor,
+                         NEW_TOKENS)
 
     def features(self, inputs):
-        """Connector output for the images of ``inputs``: float32 [tokens, hidden]."""
+        """Return the connector output for the images of ``inputs``: float32 [tokens, hidden]."""
         with torch.no_grad():
             out = self.model.model.get_image_features(inputs['pixel_values'],
                                                       inputs['pixel_attention_mask'])
         return torch.cat(list(out.pooler_output)).numpy()
-
-    def first_logits(self, inputs):
-        with torch.no_grad():
-            return self.model(**inputs).logits[0, -1].numpy()
-
-    def generate(self, inputs, **kwargs):
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                      **kwargs)
-        return out[0, inputs['input_ids'].shape[1]:].tolist()
 
     def embed_rows(self, ids):
         return self.model.get_input_embeddings().weight.detach()[ids].numpy()
@@ -96,7 +72,7 @@ class Reference:
 def model(request):
     """(variant, reference, exact f32 decoder) per tiny config."""
     variant = request.param
-    ref = Reference(cached_test_model(variant))
+    ref = SmolVLMReference(cached_test_model(variant))
     decoder = LlamaCppDecoder(cached_gguf(variant, 'f32'), max_beams=3, **EXACT)
     yield variant, ref, decoder
     decoder.close()
@@ -144,14 +120,17 @@ def test_default_settings_are_close(model, capsys):
         print(f'\n[llama.cpp {variant}] f16 KV + flash attention: max logit diff {diff:.2e} '
               f'(logits up to {np.abs(expected).max():.1f})')
     assert diff <= 0.1
-    assert int(logits[0].argmax()) == int(expected.argmax())
+    # The same top token only where the reference's own margin exceeds what f16 can move.
+    top2 = np.sort(expected)[-2:]
+    if top2[1] - top2[0] > 2 * 0.1:
+        assert int(logits[0].argmax()) == int(expected.argmax())
 
 
 # -- (b) embedding batches against token batches ------------------------------------------
 
 def test_embedding_path_equals_token_path(model):
     _, ref, decoder = model
-    ids = np.array(ref.processor.tokenizer(ref.text(False, 'Describe the robot on the table.'),
+    ids = np.array(ref.processor.tokenizer(ref.text(0, 'Describe the robot on the table.'),
                                            add_special_tokens=False)['input_ids'])
     placeholder = ref.config.image_token_id
     for slots in ([3, 4, 5, 6], [0, 1], list(range(len(ids) - 4, len(ids))), [2, 7, 8]):
@@ -188,7 +167,7 @@ def test_whole_prompt_as_embeddings_equals_runs(model, ftype):
 def test_token_rows_equal_gguf_readers_tensor(model):
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from vlm_ros.engine.runtimes.gguf_file import TensorRows
+    from vlm_ros.engine.gguf_file import TensorRows
 
     variant, _, _ = model
     for ftype in ('f32', 'f16', 'q8_0', 'q4_0'):
@@ -260,13 +239,19 @@ def test_pipeline_with_onnx_vision_and_llamacpp_decoder(model):
                     GenerationConfig(max_new_tokens=NEW_TOKENS))
     for kind in ('wide', 'tall'):
         image = _image(kind, seed=4)
-        expected = ref.generate(ref.inputs(image))
+        expected = ref.generate(ref.inputs(image, PROMPT))
         assert pipe.generate(image, PROMPT).token_ids == expected
         assert pipe.generate(image, PROMPT).token_ids == onnx.generate(
             image, PROMPT, max_new_tokens=NEW_TOKENS).token_ids
     image = _image('square', seed=3)
     assert pipe.generate(image, PROMPT, num_beams=2).token_ids == ref.generate(
-        ref.inputs(image), num_beams=2)
+        ref.inputs(image, PROMPT), num_beams=2)
+    # Two images in one question, and a 2-turn conversation.
+    images = [_image('wide', seed=1), _image('tiny', seed=2)]
+    history = ('What is it?', 'A robot arm on a table.')
+    for imgs, hist in ((images, ()), (images[:1], history)):
+        expected = ref.generate(ref.inputs(imgs, PROMPT, history=hist))
+        assert pipe.generate(imgs, PROMPT, history=hist).token_ids == expected
 
 
 # -- (d) quantised files --------------------------------------------------------------------
@@ -296,30 +281,13 @@ def test_q8_0_mostly_agrees_and_q4_0_runs(model, capsys):
     assert agree['f16'] >= 0.9 * len(cases)
 
 
-def test_decode_speed(model, capsys):
-    """Per-token time of the Python loop around llama_decode (reported, loosely bounded)."""
-    variant, ref, _ = model
-    _, ids, features = _ids_features(ref, _image('square'))
-    report = []
-    for ftype in ('f32', 'q8_0'):
-        decoder = LlamaCppDecoder(cached_gguf(variant, ftype))
-        session, logits = decoder.start(ids, features, ref.config.image_token_id)
-        steps = 64
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = session.step(np.array([int(logits.argmax())]))
-        report.append(f'{ftype} {(time.perf_counter() - start) / steps * 1e3:.3f} ms/token')
-    with capsys.disabled():
-        print(f'\n[llama.cpp {variant}] decode: ' + ', '.join(report))
-
-
 # -- tokenizer ------------------------------------------------------------------------------
 
 def test_gguf_tokenizer_matches_transformers(model):
     _, ref, decoder = model
     texts = ['Describe this image.', 'The robot is 12 cm tall, 345.6 g!', '  two  spaces\n\n',
              "It's the dog's bowl; they'll see.", 'Zürich café — naïve', '\t tab\r\n',
-             ref.text(True), ref.text(False, 'What colour is the car?') + ' The car is blue.',
+             ref.text(1, PROMPT), ref.text(0, 'What colour is the car?') + ' The car is blue.',
              '<row_1_col_2><image><fake_token_around_image>x<end_of_utterance>']
     tokenizer = ref.processor.tokenizer
     for text in texts:
@@ -425,14 +393,14 @@ def test_mtmd_matches_transformers(model, mtmd_encoder, capsys):
     variant, ref, decoder = model
     image = _image(f'tile_{variant}', seed=6)  # an exact 4x4 grid: tiles need no resizing
     inputs, ids, features = _ids_features(ref, image)
-    request = mtmd_encoder.prepare(ref.text(True), [np.asarray(image)],
+    request = mtmd_encoder.prepare(ref.text(1, PROMPT), [np.asarray(image)],
                                    image_placeholder='<image>')
     assert request.image_token_id == ref.config.image_token_id
     assert request.input_ids.tolist() == ids.tolist()
     assert request.features.shape == features.shape
     diff = np.abs(request.features - features).max()
-    _, session, logits = mtmd_encoder.start(ref.text(True), [np.asarray(image)],
-                                            image_placeholder='<image>')
+    session, logits = decoder.start(request.input_ids, request.features,
+                                    request.image_token_id)
     logit_diff = np.abs(logits[0] - ref.first_logits(inputs)).max()
     with capsys.disabled():
         print(f'\n[mtmd {variant}] feature diff {diff:.2e} (features up to '
@@ -448,10 +416,21 @@ def test_mtmd_any_image_size(model, mtmd_encoder):
     for kind in ('wide', 'tiny', 'tall'):
         image = _image(kind)
         _, ids, _ = _ids_features(ref, image)
-        request = mtmd_encoder.prepare(ref.text(True), [np.asarray(image)],
+        request = mtmd_encoder.prepare(ref.text(1, PROMPT), [np.asarray(image)],
                                        image_placeholder='<image>')
         assert request.input_ids.tolist() == ids.tolist(), kind
         assert request.num_image_tokens == int((ids == ref.config.image_token_id).sum())
+
+
+def test_mtmd_several_images_and_history(model, mtmd_encoder):
+    """Check that libmtmd lays out two images and earlier turns as the processor does."""
+    _, ref, _ = model
+    images = [_image('wide'), _image('tall', seed=2)]
+    history = ('What is it?', 'A robot arm on a table.')
+    inputs = ref.inputs(images, PROMPT, history=history)
+    request = mtmd_encoder.prepare(ref.text(2, PROMPT, history=history),
+                                   [np.asarray(i) for i in images], image_placeholder='<image>')
+    assert request.input_ids.tolist() == inputs['input_ids'][0].tolist()
 
 
 def test_mtmd_errors(model, mtmd_encoder):
@@ -459,9 +438,9 @@ def test_mtmd_errors(model, mtmd_encoder):
     from vlm_ros.engine.runtimes.mtmd import MtmdImageEncoder
     variant, ref, decoder = model
     with pytest.raises(ImageError, match='markers'):
-        mtmd_encoder.prepare(ref.text(True), [], image_placeholder='<image>')
+        mtmd_encoder.prepare(ref.text(1, PROMPT), [], image_placeholder='<image>')
     with pytest.raises(ImageError, match='RGB'):
-        mtmd_encoder.prepare(ref.text(True), [np.zeros((8, 8), np.uint8)],
+        mtmd_encoder.prepare(ref.text(1, PROMPT), [np.zeros((8, 8), np.uint8)],
                              image_placeholder='<image>')
     with pytest.raises(ModelFilesError, match='not a multimodal projector'):
         MtmdImageEncoder(cached_gguf(variant, 'f32'), decoder)

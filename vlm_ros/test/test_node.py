@@ -6,13 +6,14 @@ lifecycle_msgs services and talks to it from a real rclpy client; expected answe
 the pipeline API on the same model files.
 """
 
+import functools
 import json
 import pathlib
 import subprocess
 import threading
 import time
 
-from conftest import installed_executable, python_script, TEST_DIR
+from conftest import installed_executable, python_script, TEST_DIR, tiny_model
 import cv2
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -22,16 +23,19 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 import vlm_ros
-from vlm_ros.engine.families.base import ImageOptions
+from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros_interfaces.msg import Result as ResultMsg
 from vlm_ros_interfaces.srv import Query
 
-pytest.importorskip('torch')
-from vlm_ros_tools.export_onnx import cached_test_model  # noqa: E402
 
 pytestmark = pytest.mark.ros
 PROMPT = 'What is in the picture?'
 TOKENS = 12
+
+
+cached_test_model = functools.partial(tiny_model, 'cached_test_model')
+cached_gguf = functools.partial(tiny_model, 'cached_gguf')
+cached_mmproj = functools.partial(tiny_model, 'cached_mmproj')
 
 
 @pytest.fixture(scope='module')
@@ -92,10 +96,10 @@ def query(client, **fields):
 class Collector:
     """Subscribes to a topic and keeps what arrives."""
 
-    def __init__(self, client, msg_type, topic):
+    def __init__(self, client, msg_type, topic, depth=10):
         self.messages = []
         self._event = threading.Condition()
-        client.node.create_subscription(msg_type, topic, self._on_msg, 10)
+        client.node.create_subscription(msg_type, topic, self._on_msg, depth)
 
     def _on_msg(self, msg):
         with self._event:
@@ -135,7 +139,7 @@ def test_failing_configure_names_the_file(node_process, ros_client, tmp_path):
     node = node_process('-p', f'model_dir:={tmp_path}', '-p', 'autostart:=false')
     assert not change_state(ros_client, 'vlm_node', Transition.TRANSITION_CONFIGURE)
     assert get_state(ros_client) == 'unconfigured'
-    assert node.wait_for_output(f'configure failed: model file not found: {tmp_path}')
+    assert node.wait_for_output(f'configure failed: config.json not found in {tmp_path}')
     mismatched = node_process('-r', '__node:=wrong_type', '-p', 'autostart:=false',
                               '-p', 'model_type:=0', '-p',
                               f'model_dir:={cached_test_model("a")}')
@@ -289,10 +293,25 @@ def test_query_answer_equals_pipeline_with_overrides(node_process, ros_client, m
     ok, jpeg = cv2.imencode('.jpg', rgb[..., ::-1])
     compressed = query(ros_client, prompt=PROMPT,
                        compressed_image=CompressedImage(format='jpeg', data=jpeg.tobytes()))
-    decoded = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1]
-    assert compressed.success and compressed.text == pipe.generate(decoded, PROMPT).text
+    # The node decodes as the library decodes encoded bytes (one image policy).
+    assert compressed.success and compressed.text == pipe.generate(jpeg.tobytes(), PROMPT).text
     no_image = query(ros_client, prompt=PROMPT)
     assert not no_image.success and 'no image' in no_image.error
+
+
+def test_follow_up_queries_reuse_features_and_prefix(node_process, ros_client, model_dir,
+                                                     pipe):
+    node_process(*base_args(model_dir, '-p', 'feed_type:=1'))
+    assert wait_active(ros_client)
+    rgb = frame(6)
+    first = query(ros_client, image=image_msg(rgb), prompt=PROMPT)
+    again = query(ros_client, image=image_msg(rgb), prompt='What colour is it?')
+    assert first.success and again.success
+    assert first.cached_tokens == 0 and first.vision_ms > 0
+    assert again.vision_ms == 0.0 and again.prompt_tokens - again.cached_tokens < 20
+    assert again.text == pipe.generate(rgb, 'What colour is it?').text
+    other = query(ros_client, image=image_msg(frame(7)), prompt='What colour is it?')
+    assert other.vision_ms > 0 and other.cached_tokens < again.cached_tokens
 
 
 def test_concurrent_callers_beyond_the_queue_are_told_busy(node_process, ros_client,
@@ -318,9 +337,9 @@ BAD_IMAGES = {
     'encoding': (lambda: Image(height=2, width=2, encoding='yuv422', step=4,
                                data=bytes(8)), 'unsupported image encoding'),
     'zero': (lambda: Image(height=0, width=4, encoding='rgb8', step=12, data=bytes(1)),
-             'empty image'),
+             'is empty'),
     'absurd': (lambda: Image(height=1, width=100000, encoding='mono8', step=100000,
-                             data=bytes(100000)), 'exceeds'),
+                             data=bytes(100000)), 'a side over'),
     'step': (lambda: Image(height=2, width=4, encoding='rgb8', step=6, data=bytes(12)),
              'shorter than'),
 }
@@ -336,7 +355,7 @@ def test_malformed_images_get_specific_errors(node_process, ros_client, model_di
         assert query(ros_client, image=image_msg(frame()), prompt=PROMPT).success
     corrupt = query(ros_client, prompt=PROMPT, compressed_image=CompressedImage(
         format='jpeg', data=b'\xff\xd8\xff\xe0' + bytes(100)))
-    assert not corrupt.success and 'cannot decode' in corrupt.error
+    assert not corrupt.success and 'not an image' in corrupt.error
     assert node.proc.poll() is None
 
 
@@ -377,7 +396,6 @@ def test_launch_file_and_configs(tmp_path):
 @pytest.mark.parametrize('runtime', ['llama.cpp', 'mtmd'])
 def test_query_served_by_llamacpp(node_process, ros_client, model_dir, runtime):
     pytest.importorskip('llama_cpp')
-    from vlm_ros_tools.gguf_export import cached_gguf, cached_mmproj
     gguf = cached_gguf('a', 'f32')
     if runtime == 'mtmd':
         # The GGUFs alone, as llama.cpp's multimodal releases ship them: no model_dir.

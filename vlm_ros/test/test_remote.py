@@ -37,7 +37,7 @@ from vlm_ros.engine.datatypes import GenerationConfig
 from vlm_ros.engine.errors import (RemoteConfigError, RemoteRequestError, RemoteServerError,
                                    RemoteStreamError, RemoteTimeoutError,
                                    RemoteUnreachableError)
-from vlm_ros.engine.runtimes.remote import check_remote_settings, RemoteRuntime
+from vlm_ros.engine.remote import check_remote_settings, RemoteClient
 from vlm_ros_interfaces.srv import Query
 
 pytest.importorskip('llama_cpp.server')
@@ -218,7 +218,7 @@ def openai_reference(server, messages, **settings):
 # Engine ---------------------------------------------------------------------------------
 
 def test_answers_equal_the_openai_client(server, key_env):
-    runtime = RemoteRuntime(server.url, MODEL, api_key_env=key_env)
+    runtime = RemoteClient(server.url, MODEL, api_key_env=key_env)
     system = 'Answer briefly.'
     for rgb, prompt, seed in ((frame(0), PROMPT, 3), (frame(1), 'Describe this image.', 11)):
         deltas = []
@@ -251,7 +251,7 @@ def test_answers_equal_the_openai_client(server, key_env):
 
 
 def test_request_mapping_and_image_encoding(tmp_path):
-    runtime = RemoteRuntime('http://127.0.0.1:9/v1/', 'm', image_max_side=64)
+    runtime = RemoteClient('http://127.0.0.1:9/v1/', 'm', image_max_side=64)
     assert runtime.endpoint == 'http://127.0.0.1:9/v1/chat/completions'
     body = runtime.request_body(GenerationConfig(max_new_tokens=7, temperature=0.5, top_p=0.9,
                                                  seed=4, stop=('###',)))
@@ -270,7 +270,7 @@ def test_request_mapping_and_image_encoding(tmp_path):
                                                                               height=30))
     path = tmp_path / 'x.png'
     PilImage.fromarray(frame()).save(path)
-    png = RemoteRuntime('http://h/v1', 'm', image_format='png').encode_image(str(path))
+    png = RemoteClient('http://h/v1', 'm', image_format='png').encode_image(str(path))
     assert png.startswith('data:image/png;base64,')
     for url, model, env, why in (('ftp://h/v1', 'm', '', 'http:// or https://'),
                                  ('http:///v1', 'm', '', 'with a host'),
@@ -278,13 +278,13 @@ def test_request_mapping_and_image_encoding(tmp_path):
                                  ('http://h/v1', 'm', 'VLM_TEST_UNSET_KEY', 'not set')):
         with pytest.raises(RemoteConfigError, match=why):
             check_remote_settings(url, model, env)
-    assert 'key' not in repr(RemoteRuntime('http://h/v1', 'm')).lower()
+    assert 'key' not in repr(RemoteClient('http://h/v1', 'm')).lower()
 
 
 def test_unreachable_server_is_retried_then_named(caplog):
     port = free_port()
     url = f'http://127.0.0.1:{port}/v1'
-    runtime = RemoteRuntime(url, MODEL, max_retries=2)
+    runtime = RemoteClient(url, MODEL, max_retries=2)
     start = time.monotonic()
     with pytest.raises(RemoteUnreachableError, match='3 attempts') as err:
         runtime.generate(frame(), PROMPT)
@@ -294,15 +294,15 @@ def test_unreachable_server_is_retried_then_named(caplog):
     assert len(retries) == 2 and 'retry 2 of 2' in retries[-1]
     caplog.clear()
     with pytest.raises(RemoteUnreachableError, match='1 attempt'):
-        RemoteRuntime(url, MODEL, max_retries=0).generate(None, PROMPT)
+        RemoteClient(url, MODEL, max_retries=0).generate(None, PROMPT)
     assert not caplog.records
 
 
 def test_silent_server_times_out_without_retry():
     listener = SilentListener()
     try:
-        runtime = RemoteRuntime(f'http://127.0.0.1:{listener.port}/v1', MODEL,
-                                read_timeout_s=0.5, max_retries=3)
+        runtime = RemoteClient(f'http://127.0.0.1:{listener.port}/v1', MODEL,
+                               read_timeout_s=0.5, max_retries=3)
         start = time.monotonic()
         with pytest.raises(RemoteTimeoutError, match='no response within 0.5 s'):
             runtime.generate(frame(), PROMPT)
@@ -316,8 +316,8 @@ def test_cancel_while_the_server_is_silent():
     """should_stop cuts the connection at once, even with no byte coming (node deactivation)."""
     listener = SilentListener()
     try:
-        runtime = RemoteRuntime(f'http://127.0.0.1:{listener.port}/v1', MODEL,
-                                read_timeout_s=30.0)
+        runtime = RemoteClient(f'http://127.0.0.1:{listener.port}/v1', MODEL,
+                               read_timeout_s=30.0)
         start = time.monotonic()
         result = runtime.generate(frame(), PROMPT,
                                   should_stop=lambda: time.monotonic() - start > 0.3)
@@ -329,33 +329,33 @@ def test_cancel_while_the_server_is_silent():
 
 def test_http_errors_carry_the_servers_message(server, key_env, monkeypatch):
     monkeypatch.setenv('VLM_TEST_WRONG_KEY', 'not-the-key')
-    wrong = RemoteRuntime(server.url, MODEL, api_key_env='VLM_TEST_WRONG_KEY')
+    wrong = RemoteClient(server.url, MODEL, api_key_env='VLM_TEST_WRONG_KEY')
     with pytest.raises(RemoteRequestError, match='HTTP 401: Invalid API key') as err:
         wrong.generate(frame(), PROMPT)
     assert err.value.status_code == 401 and err.value.server_message == 'Invalid API key'
     assert 'not-the-key' not in str(err.value)
     base = server.url.rsplit('/v1', 1)[0]
     with pytest.raises(RemoteRequestError, match='HTTP 404: Not Found'):
-        RemoteRuntime(base + '/v2', MODEL, api_key_env=key_env).generate(None, PROMPT)
+        RemoteClient(base + '/v2', MODEL, api_key_env=key_env).generate(None, PROMPT)
     # A field the server's validation rejects: a 5xx with its own explanation.
-    bad = RemoteRuntime(server.url, MODEL, api_key_env=key_env, extra_body={'top_k': -1})
+    bad = RemoteClient(server.url, MODEL, api_key_env=key_env, extra_body={'top_k': -1})
     with pytest.raises(RemoteServerError, match='(?s)HTTP 500: .*top_k.*greater than or equal'):
         bad.generate(None, PROMPT)
-    good = RemoteRuntime(server.url, MODEL, api_key_env=key_env)
+    good = RemoteClient(server.url, MODEL, api_key_env=key_env)
     assert good.generate(frame(), PROMPT, max_new_tokens=4).finish_reason == 'length'
 
 
 def test_stream_ending_without_done_is_an_error(server, key_env):
     # Over the server's context, llama-cpp-python fails after starting the stream and ends
     # it cleanly but empty: a truncated answer, not an empty one.
-    runtime = RemoteRuntime(server.url, MODEL, api_key_env=key_env)
+    runtime = RemoteClient(server.url, MODEL, api_key_env=key_env)
     with pytest.raises(RemoteStreamError, match='ended without \\[DONE\\] after 0 events'):
         runtime.generate(None, 'hello ' * 3000)
     assert runtime.generate(None, PROMPT, max_new_tokens=4).finish_reason == 'length'
 
 
 def test_cancel_closes_the_stream(server, key_env):
-    runtime = RemoteRuntime(server.url, MODEL, api_key_env=key_env)
+    runtime = RemoteClient(server.url, MODEL, api_key_env=key_env)
     deltas = []
     result = runtime.generate(frame(0), PROMPT, on_text=deltas.append,
                               should_stop=lambda: len(deltas) >= 1, **SHORTER)
@@ -366,7 +366,7 @@ def test_cancel_closes_the_stream(server, key_env):
 
 def test_server_killed_mid_stream(own_server, key_env):
     own_server.start()
-    runtime = RemoteRuntime(own_server.url, MODEL, api_key_env=key_env, max_retries=2)
+    runtime = RemoteClient(own_server.url, MODEL, api_key_env=key_env, max_retries=2)
     deltas = []
 
     def kill_on_first_text(text):
@@ -453,7 +453,7 @@ def test_node_reports_remote_failures_and_keeps_serving(own_server, node_process
     # still runs after 1.5 s (the tiny model rambles; llama-cpp-python holds text back until
     # it is valid UTF-8, so the answer arrives slowly and in bursts).
     own_server.start()
-    runtime = RemoteRuntime(own_server.url, MODEL, api_key_env=key_env)
+    runtime = RemoteClient(own_server.url, MODEL, api_key_env=key_env)
     started = time.monotonic()
     probe = runtime.generate(frame(0), PROMPT,
                              should_stop=lambda: time.monotonic() - started > 1.5, **LONG)

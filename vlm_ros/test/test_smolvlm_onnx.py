@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from reference import Reference
 import vlm_ros
+from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    PromptTooLongError, UnsupportedModelError)
-from vlm_ros.engine.families.base import ImageOptions
 from vlm_ros.engine.images import to_rgb
 
 torch = pytest.importorskip('torch')
@@ -46,40 +47,12 @@ def _image(kind, seed=0):
     return img
 
 
-class Reference:
-    """transformers' processor and model for one tiny model directory."""
-
-    def __init__(self, model_dir):
-        from transformers import SmolVLMForConditionalGeneration
-        self.processor = load_processor(model_dir)
-        self.model = SmolVLMForConditionalGeneration.from_pretrained(model_dir).eval()
-
-    def inputs(self, image, prompt=PROMPT, split=None):
-        content = ([{'type': 'image'}] if image is not None else []) + [
-            {'type': 'text', 'text': prompt}]
-        text = self.processor.apply_chat_template([{'role': 'user', 'content': content}],
-                                                  add_generation_prompt=True)
-        kwargs = {} if split is None else {'do_image_splitting': split}
-        return self.processor(text=text, images=[image] if image is not None else None,
-                              return_tensors='pt', **kwargs)
-
-    def generate(self, inputs, **kwargs):
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                      **kwargs)
-        return out[0, inputs['input_ids'].shape[1]:].tolist()
-
-    def first_logits(self, inputs):
-        with torch.no_grad():
-            return self.model(**inputs).logits[0, -1].numpy()
-
-
 @pytest.fixture(scope='module', params=['a', 'b'])
 def model(request):
     """(model_dir, our pipeline, the reference) per tiny config."""
     model_dir = cached_test_model(request.param)
     return request.param, model_dir, vlm_ros.pipeline(model_dir, max_new_tokens=NEW_TOKENS), \
-        Reference(model_dir)
+        Reference(model_dir, 'SmolVLMForConditionalGeneration', load_processor, NEW_TOKENS)
 
 
 CASES = [('square', None), ('wide', None), ('tall', None), ('tiny', None), ('gray', None),
@@ -90,7 +63,8 @@ CASES = [('square', None), ('wide', None), ('tall', None), ('tiny', None), ('gra
 def test_greedy_tokens_match_transformers(model, kind, split):
     variant, _, pipe, ref = model
     image = _image(kind)
-    inputs = ref.inputs(image, split=split)
+    kwargs = {} if split is None else {'do_image_splitting': split}
+    inputs = ref.inputs(image, PROMPT, **kwargs)
     ours = pipe.family.prepare(to_rgb(image), PROMPT, '', ImageOptions(do_image_splitting=split))
     assert ours.input_ids.tolist() == inputs['input_ids'][0].tolist()
     ref_pixels = inputs['pixel_values'].numpy()
@@ -107,9 +81,9 @@ def test_greedy_tokens_match_transformers(model, kind, split):
 def test_first_logits_match_pytorch(model):
     _, _, pipe, ref = model
     image = _image('wide')
-    inputs = ref.inputs(image)
+    inputs = ref.inputs(image, PROMPT)
     request = pipe.family.prepare(to_rgb(image), PROMPT)
-    features = pipe.vision.encode(request.vision_inputs)
+    features = pipe.vision.run(request.vision_inputs)
     _, logits = pipe.decoder.start(request.input_ids, features, request.image_token_id)
     assert np.abs(logits[0] - ref.first_logits(inputs)).max() <= 1e-3
 
@@ -118,7 +92,7 @@ def test_first_logits_match_pytorch(model):
 def test_beam_search_matches_transformers(model, beams):
     _, _, pipe, ref = model
     image = _image('square', seed=3)
-    expected = ref.generate(ref.inputs(image), num_beams=beams)
+    expected = ref.generate(ref.inputs(image, PROMPT), num_beams=beams)
     result = pipe.generate(image, PROMPT, num_beams=beams)
     assert result.token_ids == expected
 
@@ -137,13 +111,13 @@ def test_sampling_is_reproducible_with_a_seed(model):
 def test_repetition_penalty_matches_transformers(model):
     _, _, pipe, ref = model
     image = _image('tall', seed=5)
-    expected = ref.generate(ref.inputs(image), repetition_penalty=1.3)
+    expected = ref.generate(ref.inputs(image, PROMPT), repetition_penalty=1.3)
     assert pipe.generate(image, PROMPT, repetition_penalty=1.3).token_ids == expected
 
 
 def test_text_only_prompt_matches_transformers(model):
     _, _, pipe, ref = model
-    expected = ref.generate(ref.inputs(None, prompt='Hello there.'))
+    expected = ref.generate(ref.inputs(None, 'Hello there.'))
     assert pipe.generate(None, 'Hello there.').token_ids == expected
 
 
@@ -158,10 +132,10 @@ def test_streamed_text_equals_final_text(model):
 
 def test_stop_strings_and_timings(model):
     _, _, pipe, _ = model
-    full = pipe.generate(_image('square'), PROMPT)
+    full = pipe.generate(_image('square', seed=99), PROMPT)  # an image not seen before
     assert full.text, 'the tiny model produced no text to cut'
     stop = full.text[len(full.text) // 2:][:2]
-    cut = pipe.generate(_image('square'), PROMPT, stop=(stop,))
+    cut = pipe.generate(_image('square', seed=99), PROMPT, stop=(stop,))
     assert cut.finish_reason == 'stop' and stop not in cut.text
     assert full.text.startswith(cut.text)
     t = full.timings
@@ -242,3 +216,13 @@ def test_unknown_onnx_input_names(tmp_path):
     with pytest.raises(UnsupportedModelError, match='mystery_flag'):
         vlm_ros.pipeline(model_dir, decoder_model=tmp_path / 'decoder_model_merged.onnx',
                          embed_model='onnx/embed_tokens.onnx')
+
+
+@pytest.mark.parametrize('case', ['two_images', 'history', 'both'])
+def test_several_images_and_history_match_transformers(model, case):
+    """Two images in one question and a 2-turn conversation, laid out as the processor does."""
+    _, _, pipe, ref = model
+    images = {'two_images': [_image('wide'), _image('square', seed=5)],
+              'history': [_image('tall')], 'both': [_image('rgba'), _image('tiny', seed=2)]}[case]
+    history = () if case == 'two_images' else ('What is it?', 'A robot arm on a table.')
+    ref.check(pipe, images, PROMPT, history)

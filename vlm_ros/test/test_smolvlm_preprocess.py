@@ -17,10 +17,11 @@ from PIL import Image
 import pytest
 
 from vlm_ros.engine.chat_template import ChatTemplate, load_chat_template
+from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    UnsupportedModelError)
-from vlm_ros.engine.families.base import ImageOptions
 from vlm_ros.engine.families.idefics3 import Idefics3Family
+from vlm_ros.engine.generation import TextStream
 from vlm_ros.engine.images import MAX_SIDE, to_rgb
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -372,45 +373,56 @@ def test_tokenizer_missing_file(tmp_path):
         Tokenizer(tmp_path)
 
 
-# Incremental detokenizer.
+# Streaming text (generation.TextStream).
 
-def test_detokenizer_deltas_add_up(tok_dir):
-    """Deltas fed id by id concatenate to decode(ids), multi-byte characters included."""
+def _stream(decode, ids, stop=()):
+    """Feed ``ids`` one at a time; return (deltas, final text, where it stopped)."""
+    deltas = []
+    stream = TextStream(decode, stop, deltas.append)
+    stopped_at = None
+    for n in range(1, len(ids) + 1):
+        if stream.update(ids[:n]):
+            stopped_at = n
+            break
+    return deltas, stream.finish(), stopped_at
+
+
+def test_text_stream_deltas_add_up(tok_dir):
+    """Deltas fed id by id concatenate to decode(ids), multi-byte characters never split."""
     tokenizer = Tokenizer(tok_dir)
     text = 'The robot says: Grüße, 世界! 🤖🦾 done.\nCost: 3.50 €'
     ids = tokenizer.encode(text)
-    stream = tokenizer.detokenizer()
-    deltas = [stream.add(i) for i in ids]
-    deltas.append(stream.flush())
-    assert ''.join(deltas) == tokenizer.decode(ids) == text
-    assert stream.text == text
+    deltas, final, _ = _stream(tokenizer.decode, ids)
+    assert ''.join(deltas) == final == tokenizer.decode(ids) == text
     assert not any('\ufffd' in d for d in deltas)
-    # Characters split over byte tokens were held back, then released whole.
-    assert '' in deltas[:-1]
     assert any('🤖' in d for d in deltas)
 
 
-def test_detokenizer_holds_partial_character(tok_dir):
-    """Partial UTF-8 yields nothing until complete; flush releases an unfinished one."""
+def test_text_stream_holds_partial_character(tok_dir):
+    """Partial UTF-8 yields nothing until complete."""
     tokenizer = Tokenizer(tok_dir)
     ids = tokenizer.encode('🤖')
     assert len(ids) > 1  # byte-level pieces in the tiny vocabulary
-    stream = tokenizer.detokenizer()
-    assert [stream.add(i) for i in ids[:-1]] == [''] * (len(ids) - 1)
-    assert stream.add(ids[-1]) == '🤖'
-    assert stream.flush() == ''
-    unfinished = tokenizer.detokenizer()
-    assert unfinished.add(ids[0]) == ''
-    assert unfinished.flush() == tokenizer.decode(ids[:1]) == '\ufffd'
+    deltas = []
+    stream = TextStream(tokenizer.decode, (), deltas.append)
+    for n in range(1, len(ids)):
+        stream.update(ids[:n])
+    assert deltas == []
+    stream.update(ids)
+    assert deltas == ['🤖']
 
 
-def test_detokenizer_special_tokens(tok_dir):
-    """Special tokens vanish when skipped and appear otherwise."""
+def test_text_stream_stop_strings_and_special_tokens(tok_dir):
+    """Special tokens vanish when skipped; a stop string ends the text before it."""
     tokenizer = Tokenizer(tok_dir)
     ids = tokenizer.encode('Yes.<end_of_utterance>')
-    skipped, kept = tokenizer.detokenizer(), tokenizer.detokenizer(skip_special_tokens=False)
-    assert ''.join(skipped.add(i) for i in ids) + skipped.flush() == 'Yes.'
-    assert ''.join(kept.add(i) for i in ids) + kept.flush() == 'Yes.<end_of_utterance>'
+    deltas, final, _ = _stream(tokenizer.decode, ids)
+    assert ''.join(deltas) == final == 'Yes.'
+    kept, _, _ = _stream(lambda t: tokenizer.decode(t, False), ids)
+    assert ''.join(kept) == 'Yes.<end_of_utterance>'
+    ids = tokenizer.encode('red square. STOP here')
+    deltas, final, stopped_at = _stream(tokenizer.decode, ids, stop=('STOP',))
+    assert final == ''.join(deltas) == 'red square. ' and stopped_at < len(ids)
 
 
 # Chat template.

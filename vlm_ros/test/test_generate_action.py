@@ -1,0 +1,220 @@
+"""
+The ``~/generate`` action from a real rclpy ActionClient against the installed node.
+
+Feedback order and concatenation, several images and history against the library's answer,
+cancellation while decoding and while queued, rejection beyond the queue, abort on
+deactivate and on bad goals.
+"""
+
+import functools
+import math
+import threading
+import time
+
+from action_msgs.msg import GoalStatus
+from conftest import tiny_model
+from lifecycle_msgs.msg import Transition
+import numpy as np
+import pytest
+from test_node import base_args, change_state, frame, image_msg, wait_active
+import vlm_ros
+from vlm_ros_interfaces.action import Generate
+
+
+pytestmark = pytest.mark.ros
+ACTION = '/vlm_node/generate'
+PROMPT = 'What is in the picture?'
+LONG = 'Describe this image.'  # about long_image() the tiny model talks for 650 tokens
+
+
+cached_test_model = functools.partial(tiny_model, 'cached_test_model')
+
+
+def long_image():
+    return np.random.default_rng(4).integers(0, 256, (72, 96, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope='module')
+def model_dir():
+    return str(cached_test_model('a'))
+
+
+@pytest.fixture(scope='module')
+def pipe(model_dir):
+    from vlm_ros.engine.datatypes import ImageOptions
+    return vlm_ros.pipeline(model_dir, max_new_tokens=24,
+                            image_options=ImageOptions(do_image_splitting=False))
+
+
+class Goal:
+    """One goal sent from an ActionClient: its feedback, handle and result."""
+
+    def __init__(self, client, goal, timeout=30.0):
+        self.feedback = []
+        self.feedback_at = []
+        future = client.send_goal_async(goal, feedback_callback=self._on_feedback)
+        self.handle = _wait(future, timeout)
+        self.result_future = self.handle.get_result_async() if self.handle.accepted else None
+
+    def _on_feedback(self, msg):
+        self.feedback.append(msg.feedback)
+        self.feedback_at.append(time.monotonic())
+
+    @property
+    def accepted(self):
+        return self.handle.accepted
+
+    def result(self, timeout=60.0):
+        response = _wait(self.result_future, timeout)
+        return response.status, response.result
+
+    def cancel(self, timeout=10.0):
+        return _wait(self.handle.cancel_goal_async(), timeout)
+
+    def text(self):
+        return ''.join(f.text_delta for f in self.feedback)
+
+
+def _wait(future, timeout):
+    deadline = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert future.done(), 'no answer from the action server'
+    return future.result()
+
+
+def action_client(ros_client, name=ACTION):
+    """Return an ActionClient whose goals and results are known to get through."""
+    from rclpy.action import ActionClient
+    client = ActionClient(ros_client.node, Generate, name)
+    assert client.wait_for_server(timeout_sec=30)
+    # A goal the node aborts at once proves the whole round trip (goal, result) before the
+    # real ones: replies sent before discovery settles are lost (see conftest).
+    for _ in range(30):
+        future = client.send_goal_async(Generate.Goal(prompt='x', temperature=math.nan))
+        deadline = time.monotonic() + 1.0
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if future.done() and future.result().accepted:
+            result = future.result().get_result_async()
+            deadline = time.monotonic() + 1.0
+            while not result.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if result.done():
+                return client
+    raise AssertionError(f'{name}: no round trip')
+
+
+@pytest.fixture
+def node(node_process, ros_client, model_dir):
+    def start(*extra):
+        proc = node_process(*base_args(model_dir, '-p', 'max_new_tokens:=24',
+                                       '-p', 'feed_type:=1', *extra))
+        assert wait_active(ros_client)
+        return proc, action_client(ros_client)
+    return start
+
+
+def test_feedback_streams_the_answer_about_two_images(node, pipe):
+    _, client = node()
+    first, second = frame(1), frame(2, 64, 48)
+    goal = Goal(client, Generate.Goal(images=[image_msg(first), image_msg(second)],
+                                      prompt=PROMPT))
+    assert goal.accepted
+    status, result = goal.result()
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
+    expected = pipe.generate([first, second], PROMPT)
+    assert result.text == expected.text and result.prompt_tokens == expected.prompt_tokens
+    assert goal.text() == result.text
+    phases = [f.phase for f in goal.feedback]
+    order = ['queued', 'preprocess', 'vision', 'prefill', 'decode']
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == order
+    counts = [f.completion_tokens for f in goal.feedback]
+    assert counts == sorted(counts) and counts[-1] == result.completion_tokens
+    elapsed = [f.elapsed_ms for f in goal.feedback]
+    assert elapsed == sorted(elapsed)
+
+
+def test_history_and_compressed_images(node, pipe):
+    import cv2
+    _, client = node()
+    rgb = frame(4)
+    ok, png = cv2.imencode('.png', rgb[..., ::-1])
+    from sensor_msgs.msg import CompressedImage
+    history = ['What colour is the sky?', 'Blue.']
+    goal = Goal(client, Generate.Goal(
+        compressed_images=[CompressedImage(format='png', data=png.tobytes())],
+        prompt=PROMPT, history=history, max_new_tokens=12, stop=['\x13']))
+    status, result = goal.result()
+    assert status == GoalStatus.STATUS_SUCCEEDED, result.error
+    expected = pipe.generate(rgb, PROMPT, history=history, max_new_tokens=12, stop=('\x13',))
+    assert result.text == expected.text == goal.text()
+
+
+def test_cancel_stops_within_a_step_with_the_partial_text(node, pipe):
+    _, client = node('-p', 'max_new_tokens:=4000')
+    full = pipe.generate(long_image(), LONG, max_new_tokens=4000)
+    assert full.completion_tokens > 400, 'the test needs an answer that runs for a while'
+    goal = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(f.completion_tokens >= 30
+                                                  for f in goal.feedback):
+        time.sleep(0.005)
+    sent = time.monotonic()
+    assert goal.cancel().return_code == 0
+    status, result = goal.result()
+    latency = time.monotonic() - sent
+    assert status == GoalStatus.STATUS_CANCELED
+    assert result.finish_reason == 'cancelled' and not result.success
+    assert 30 <= result.completion_tokens < full.completion_tokens
+    assert full.text.startswith(result.text) and result.text == goal.text()
+    print(f'\n[generate] cancel after {result.completion_tokens} tokens: result in '
+          f'{latency * 1000:.0f} ms')
+    assert latency < 1.0
+
+
+def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node):
+    _, client = node('-p', 'max_new_tokens:=4000', '-p', 'queue_size:=2')
+    running = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    queued = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
+    assert running.accepted and queued.accepted
+    rejected = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
+    assert not rejected.accepted
+    queued.cancel()
+    status, result = queued.result(timeout=5)
+    assert status == GoalStatus.STATUS_CANCELED and 'before it started' in result.error
+    assert {f.phase for f in queued.feedback} == {'queued'}
+    running.cancel()
+    assert running.result()[0] == GoalStatus.STATUS_CANCELED
+
+
+def test_deactivate_aborts_the_running_goal(node, ros_client):
+    _, client = node('-p', 'max_new_tokens:=4000')
+    goal = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    while not goal.feedback or goal.feedback[-1].phase != 'decode':
+        time.sleep(0.005)
+    done = threading.Event()
+    threading.Thread(target=lambda: (change_state(ros_client, 'vlm_node',
+                                                  Transition.TRANSITION_DEACTIVATE),
+                                     done.set()), daemon=True).start()
+    status, result = goal.result(timeout=10)
+    assert status == GoalStatus.STATUS_ABORTED
+    assert result.finish_reason == 'cancelled' and 'deactivated' in result.error
+    assert done.wait(10)
+    assert not Goal(client, Generate.Goal(images=[image_msg(frame())])).accepted
+
+
+def test_bad_goals_are_aborted_with_the_reason(node):
+    _, client = node()
+    cases = [
+        (Generate.Goal(images=[image_msg(frame())] * 5), 'max_images allows 4'),
+        (Generate.Goal(images=[image_msg(frame())], temperature=math.inf), 'temperature'),
+        (Generate.Goal(images=[image_msg(frame())], history=['only a question']),
+         'history must alternate'),
+        (Generate.Goal(images=[image_msg(frame())], stop=['']), 'stop strings'),
+        (Generate.Goal(prompt='no frame yet'), 'no camera frame'),
+    ]
+    for request, reason in cases:
+        status, result = Goal(client, request).result()
+        assert status == GoalStatus.STATUS_ABORTED, reason
+        assert not result.success and reason in result.error, (reason, result.error)
