@@ -42,7 +42,7 @@ def model_dir():
 @pytest.fixture(scope='module')
 def pipe(model_dir):
     from vlm_ros.engine.datatypes import ImageOptions
-    return vlm_ros.pipeline(model_dir, max_new_tokens=24,
+    return vlm_ros.pipeline(model_dir, max_new_tokens=24, kv_cache_slots=0,
                             image_options=ImageOptions(do_image_splitting=False))
 
 

@@ -127,7 +127,7 @@ def test_remote_fallback_answers_locally_when_the_server_goes(node_process, ros_
         server.stop()
     local = query(ros_client, image=image_msg(rgb), prompt=PROMPT)
     assert local.success, local.error
-    expected = vlm_ros.pipeline(model_dir, max_new_tokens=8,
+    expected = vlm_ros.pipeline(model_dir, max_new_tokens=8, kv_cache_slots=0,
                                 image_options=ImageOptions(do_image_splitting=False))
     assert local.text == expected.generate(rgb, PROMPT).text
     status, values = diag.wait_for(lambda s, v: v['requests_answered'] == '2')

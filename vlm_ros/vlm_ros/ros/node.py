@@ -11,6 +11,7 @@ queue to one worker, because the model already uses every core. Message conversi
 
 import contextlib
 import gc
+import logging
 import os
 import pathlib
 import signal
@@ -582,14 +583,19 @@ def main(args=None):
         node.get_logger().warning('a request was still running at shutdown; exiting now')
         _leave(code)
     executor.shutdown(timeout_sec=SHUTDOWN_GRACE_S)
+    spinner.join(SHUTDOWN_GRACE_S)
     node.generate_action.destroy()
     node.queue.shutdown(grace_s=1.0)
     node.destroy_node()
     rclpy.try_shutdown()
-    return code
+    # Everything ROS is down; leaving without the interpreter's own teardown keeps native
+    # libraries' static destructors (DDS, ONNX Runtime, llama.cpp) from racing threads they
+    # still own: seen as "terminate called without an active exception" (SIGABRT) at exit.
+    _leave(code)
 
 
 def _leave(code):
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
