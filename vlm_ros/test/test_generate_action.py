@@ -176,6 +176,10 @@ def test_cancel_stops_within_a_step_with_the_partial_text(node, pipe):
 def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node):
     _, client = node('-p', 'max_new_tokens:=4000', '-p', 'queue_size:=2')
     running = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    deadline = time.monotonic() + 30
+    while not any(f.phase == 'decode' for f in running.feedback):  # it holds the worker now
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
     queued = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
     assert running.accepted and queued.accepted
     rejected = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))

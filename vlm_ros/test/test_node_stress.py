@@ -308,12 +308,18 @@ def _signal_trial(tmp_path, client, model_dir, signum, during_request, name):
 @pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 @pytest.mark.parametrize('during_request', [True, False], ids=['during_request', 'idle'])
-def test_signals_exit_zero_and_answer_callers(tmp_path, ros_client, model_dir, signum,
-                                              during_request):
+def test_signals_exit_zero_and_answer_callers(tmp_path, model_dir, signum, during_request):
+    from conftest import RosClient
     times = []
     for trial in range(10):
-        code, elapsed = _signal_trial(tmp_path, ros_client, model_dir, signum, during_request,
-                                      f'sig_{signum}_{int(during_request)}_{trial}')
+        # A client of its own per trial: clients kept for nodes that are gone would add
+        # forty nodes' worth of stale discovery traffic over the run.
+        client = RosClient(f'vlm_signal_client_{trial}')
+        try:
+            code, elapsed = _signal_trial(tmp_path, client, model_dir, signum, during_request,
+                                          f'sig_{signum}_{int(during_request)}_{trial}')
+        finally:
+            client.close()
         assert code == 0, f'trial {trial}: exit code {code}'
         assert elapsed < 5.0, f'trial {trial}: took {elapsed:.1f} s'
         times.append(elapsed)

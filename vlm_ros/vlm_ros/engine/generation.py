@@ -79,8 +79,16 @@ class TextStream:
         self._emit(safe)
         return False
 
-    def finish(self):
-        """Flush what was held back and return the final text."""
+    def finish(self, cut=False):
+        """
+        Flush what was held back and return the final text.
+
+        ``cut``: the answer was interrupted (cancelled), so a character its last tokens only
+        began (decoded as U+FFFD) is not part of it and is dropped.
+        """
+        if cut:
+            self.text = self.text.rstrip('\ufffd')
+            self._emitted = min(self._emitted, len(self.text))
         self._emit(len(self.text))
         return self.text
 
@@ -188,7 +196,7 @@ def generate(session: DecoderSession, first_logits: np.ndarray, prompt_ids: Sequ
             break
         logits = np.asarray(session.step(np.array([token], dtype=np.int64)),
                             dtype=np.float32).reshape(-1)
-    return Generated(generated, stream.finish(), finish)
+    return Generated(generated, stream.finish(cut=finish == FINISH_CANCELLED), finish)
 
 
 def _beam_search(session, first_logits, prompt_ids, config, eos_ids, decode, max_new_tokens,

@@ -588,6 +588,7 @@ def main(args=None):
     node.queue.shutdown(grace_s=1.0)
     node.destroy_node()
     rclpy.try_shutdown()
+    executor.context.destroy()  # finalizes rcl and the DDS participant now, not at exit
     # Everything ROS is down; leaving without the interpreter's own teardown keeps native
     # libraries' static destructors (DDS, ONNX Runtime, llama.cpp) from racing threads they
     # still own: seen as "terminate called without an active exception" (SIGABRT) at exit.
