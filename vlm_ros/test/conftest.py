@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated ROS 2 domain per test process and a real node process."""
 
 import fcntl
+import functools
 import os
 import pathlib
 import signal
@@ -122,6 +123,13 @@ def node_process(tmp_path):
         proc.stop()
 
 
+@functools.lru_cache(maxsize=1)
+def client_qos():
+    """Return the service clients' QoS: reliable, a history deep enough for a burst."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    return QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+
+
 class RosClient:
     """An rclpy node in its own context, spun by a background thread."""
 
@@ -141,7 +149,10 @@ class RosClient:
         """Return this node's client number ``slot`` for service ``name``, once it is served."""
         client = self._clients.get((name, slot))
         if client is None:
-            client = self.node.create_client(srv_type, name)
+            # rmw_fastrtps delivers every response of a service to every client of it (each
+            # keeps its own by request id): with the default history of 10, a client among a
+            # burst of callers can see its reply pushed out by the others' before it takes it.
+            client = self.node.create_client(srv_type, name, qos_profile=client_qos())
             self._clients[(name, slot)] = client
             assert client.wait_for_service(timeout_sec=timeout), f'no service {name}'
             # wait_for_service only says the server's request reader matched ours; a reply

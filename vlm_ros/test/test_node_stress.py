@@ -134,7 +134,7 @@ def _ready_clients(ros_client, service, count):
 
 
 def test_concurrent_callers_are_each_answered_or_told_busy(node_process, ros_client, model_dir):
-    node_process(*base_args(model_dir, '-p', 'queue_size:=2', '-p', 'feed_type:=1'))
+    node = node_process(*base_args(model_dir, '-p', 'queue_size:=2', '-p', 'feed_type:=1'))
     assert wait_active(ros_client)
     busy_ms = []
     for round_ in range(3):
@@ -149,7 +149,11 @@ def test_concurrent_callers_are_each_answered_or_told_busy(node_process, ros_cli
                 if i not in done_at and f.done():
                     done_at[i] = time.monotonic()
             time.sleep(0.002)
-        assert len(done_at) == 16, f'round {round_}: {16 - len(done_at)} callers got no reply'
+        if len(done_at) < 16:
+            node.proc.send_signal(signal.SIGUSR1)  # the node's threads, into its log
+            time.sleep(1.0)
+        assert len(done_at) == 16, (f'round {round_}: {16 - len(done_at)} callers got no '
+                                    f'reply; node log:\n{node.output()[-6000:]}')
         responses = [f.result() for f in futures]
         answered = [r for r in responses if r.success]
         busy = [i for i, r in enumerate(responses) if not r.success]
@@ -279,7 +283,14 @@ def _signal_trial(tmp_path, client, model_dir, signum, during_request, name):
     node = NodeProcess(tmp_path, '-r', f'__node:={name}',
                        *base_args(model_dir, '-p', 'max_new_tokens:=2000'), name=name)
     try:
-        assert wait_active(client, name)
+        try:
+            active = wait_active(client, name)
+        except AssertionError:  # get_state never answered
+            active = False
+        if not active:
+            node.proc.send_signal(signal.SIGUSR1)  # the node's threads, into its log
+            time.sleep(1.0)
+            pytest.fail(f'{name} never reported active; node log:\n{node.output()[-6000:]}')
         replies = []
         if during_request:
             service = f'/{name}/query'

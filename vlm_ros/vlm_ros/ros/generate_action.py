@@ -111,7 +111,8 @@ class GenerateAction:
         node = self.node
         feedback = _Feedback(goal_handle, node.param('feedback_min_interval_ms') / 1000.0,
                              time.monotonic())
-        entry = {'feedback': feedback, 'job': None, 'error': None}
+        entry = {'feedback': feedback, 'job': None, 'error': None,
+                 'done': node.answer_future()}
         try:
             goal = goal_handle.request
             overrides = messages.generation_overrides(goal)
@@ -123,8 +124,11 @@ class GenerateAction:
             entry['job'] = node.make_job(
                 source, prompt, system, overrides, history=history,
                 progress={'on_text': feedback.text, 'on_phase': feedback.phase,
-                          'on_token': feedback.tokens})
+                          'on_token': feedback.tokens}, on_done=entry['done'].set_job)
+            # Before the worker can take the job, so that 'queued' is always the first phase.
+            feedback.phase('queued')
             node.queue.submit(entry['job'], reserved=True)
+            entry['done'].watch(entry['job'])
         except VlmError as exc:
             node.queue.release()
             entry['error'] = str(exc)
@@ -132,8 +136,6 @@ class GenerateAction:
             entry['error'] = messages.NOT_ACTIVE
         with self._lock:
             self._goals[bytes(goal_handle.goal_id.uuid)] = entry
-        if entry['error'] is None:
-            feedback.phase('queued')
         goal_handle.execute()
 
     def _on_cancel(self, goal_handle):
@@ -143,8 +145,8 @@ class GenerateAction:
             self.node.queue.cancel(entry['job'])
         return CancelResponse.ACCEPT
 
-    def _execute(self, goal_handle):
-        """Wait for the job, then end the goal: succeeded, canceled or aborted."""
+    async def _execute(self, goal_handle):
+        """Await the job (no thread waits), then end the goal: succeeded, canceled, aborted."""
         with self.node.in_flight():
             key = bytes(goal_handle.goal_id.uuid)
             with self._lock:
@@ -152,7 +154,7 @@ class GenerateAction:
             if entry['error'] is not None:
                 answer = Answer(error=entry['error'])
             else:
-                answer = self.node.wait_for(entry['job'])
+                answer = await entry['done'].future
                 entry['feedback'].flush()
             with self._lock:
                 del self._goals[key]

@@ -10,6 +10,7 @@ queue to one worker, because the model already uses every core. Message conversi
 """
 
 import contextlib
+import faulthandler
 import gc
 import logging
 import os
@@ -26,6 +27,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node, State, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
+from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from vlm_ros.engine.datatypes import FINISH_CANCELLED, ImageOptions
@@ -48,7 +50,7 @@ SHUTDOWN_GRACE_S = 3.0
 # thread takes them: deep enough for every caller a burst can bring, so none is dropped
 # unseen; callers beyond queue_size are then answered "busy" at once.
 REQUEST_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-MAX_EXECUTOR_THREADS = 32
+EXECUTOR_THREADS = 4
 RESULT_DEPTH = 100
 
 
@@ -369,6 +371,10 @@ class VlmNode(Node):
             return Answer(error=f'internal error: {job.error}')
         return job.result
 
+    def answer_future(self):
+        """Return a ``JobFuture``: an awaitable of a job's Answer for an async callback."""
+        return JobFuture(self)
+
     def wait_for(self, job):
         """Block until ``job`` ends (its deadline plus a margin at most); return its Answer."""
         timeout = job.deadline - time.monotonic() if job.deadline is not None else None
@@ -391,15 +397,18 @@ class VlmNode(Node):
             diagnostics.array(self.get_clock().now().to_msg(), [status]))
 
     # Service ---------------------------------------------------------------------------
-    def _on_query(self, request, response):
+    async def _on_query(self, request, response):
+        # A coroutine: while the model answers no executor thread waits for it, so a few
+        # threads take every request and each caller beyond the queue is told "busy" at once,
+        # however many are waiting.
         with self.in_flight():
-            answer = self._answer_query(request)
+            answer = await self._answer_query(request)
         messages.fill_result(response, answer)
         if not answer.success:
             self.get_logger().warning(f'query failed: {answer.error}')
         return response
 
-    def _answer_query(self, request):
+    async def _answer_query(self, request):
         if not self._active.is_set() or self.cfg is None:
             self.stats.refuse()
             return Answer(error=NOT_ACTIVE)
@@ -414,9 +423,13 @@ class VlmNode(Node):
             source = self.images_source(images, compressed)
         except VlmError as exc:
             return Answer(error=str(exc))
-        job = self.make_job(source, prompt, system, overrides)
+        done = self.answer_future()
+        job = self.make_job(source, prompt, system, overrides, on_done=done.set_job)
         refused = self._submit(job)
-        return refused if refused is not None else self.wait_for(job)
+        if refused is not None:
+            return refused
+        done.watch(job)
+        return await done.future
 
     def images_source(self, images, compressed):
         """
@@ -518,6 +531,50 @@ class VlmNode(Node):
             self._exit_event.set()
 
 
+class JobFuture:
+    """
+    An rclpy Future that a job's end completes with its Answer, from the worker thread.
+
+    A done callback makes ``set_result`` wake the executor (it schedules the callback as a
+    task), so the coroutine awaiting ``future`` resumes at once. Like ``wait_for``, a caller
+    is answered "timed out" once the job's deadline plus a margin passes, even if one model
+    step never returns.
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self._lock = threading.Lock()
+        self._timer = None
+        self.future = Future(executor=node.executor)
+        self.future.add_done_callback(lambda _future: None)
+
+    def set_job(self, job):
+        """Complete the future with ``job``'s Answer (a Job's ``on_done``)."""
+        self._settle(self._node._outcome(job))
+
+    def watch(self, job):
+        """Start the deadline backstop for ``job`` (none when it has no deadline)."""
+        if job.deadline is None:
+            return
+        delay = job.deadline - time.monotonic() + DEACTIVATE_GRACE_S + 5.0
+
+        def expire():
+            job.cancelled.set()
+            self._settle(Answer(error='timed out waiting for the model',
+                                finish_reason=FINISH_CANCELLED))
+        self._timer = threading.Timer(max(0.0, delay), expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _settle(self, answer):
+        with self._lock:
+            if self.future.done():
+                return
+            self.future.set_result(answer)
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 def _frame_to_array(msg):
     if isinstance(msg, CompressedImage):
         return messages.compressed_to_array(msg)
@@ -555,16 +612,17 @@ def main(args=None):
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck node is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         node = VlmNode(exit_event)
     except ValueError as exc:
         print(f'vlm_node: {exc}', file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    # Service callers wait on a thread each: enough threads for a full queue plus spares so
-    # that callers beyond it are told "busy" at once.
-    executor = MultiThreadedExecutor(
-        num_threads=min(node.queue.capacity + 3, MAX_EXECUTOR_THREADS))
+    # Callers of the service and the action wait in coroutines, not on threads: a few threads
+    # serve the service, the action, the lifecycle services, topics and diagnostics.
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     spinner = threading.Thread(target=_spin, args=(executor, exit_event), daemon=True)
     spinner.start()
