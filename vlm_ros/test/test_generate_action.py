@@ -86,7 +86,11 @@ def _wait(future, timeout):
 def action_client(ros_client, name=ACTION):
     """Return an ActionClient whose goals and results are known to get through."""
     from rclpy.action import ActionClient
-    client = ActionClient(ros_client.node, Generate, name)
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    # Every delta of a fast answer, as the README advises: rclpy's default feedback history
+    # of 10 drops the oldest deltas whenever this process falls behind on 2 busy cores.
+    client = ActionClient(ros_client.node, Generate, name, feedback_sub_qos_profile=QoSProfile(
+        depth=1000, reliability=ReliabilityPolicy.RELIABLE))
     assert client.wait_for_server(timeout_sec=30)
     # A goal the node aborts at once proves the whole round trip (goal, result) before the
     # real ones: replies sent before discovery settles are lost (see conftest).
