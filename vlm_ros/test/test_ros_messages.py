@@ -11,13 +11,15 @@ import numpy as np
 from PIL import Image as PilImage
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
 from vlm_ros.engine import images
-from vlm_ros.engine.datatypes import Result, Timings
+from vlm_ros.engine.datatypes import Box, Result, Timings
 from vlm_ros.engine.errors import ImageError
 from vlm_ros.ros import messages
 from vlm_ros.ros.messages import Answer, RequestError
+from vlm_ros_interfaces.action import Generate
 from vlm_ros_interfaces.msg import Result as ResultMsg
-from vlm_ros_interfaces.srv import Query
+from vlm_ros_interfaces.srv import Detect, Query
 
 
 def _rgb(seed=0, h=5, w=7):
@@ -188,3 +190,31 @@ def test_fill_result_for_service_and_topic_messages():
     assert not response.success and response.error.startswith('busy')
     assert response.text == '' and response.finish_reason == 'error'
     assert messages.fill_result(ResultMsg(), failed).text.startswith('busy')
+
+
+def test_detections_fill_every_answer_message_with_the_image_header():
+    header = Header(frame_id='camera_optical')
+    header.stamp.sec = 12
+    result = Result('<ref>cup</ref><box>[[0,0,500,500]]</box>', 'stop', [1], 20)
+    result.detections = [Box('cup', 10.0, 20.0, 50.0, 100.0, 0.75)]
+    for target in (Query.Response(), Detect.Response(), ResultMsg(), Generate.Result()):
+        messages.fill_result(target, Answer(result), header=header)
+        array = target.detections
+        assert array.header.frame_id == 'camera_optical' and array.header.stamp.sec == 12
+        [d] = array.detections
+        assert (d.label, d.score, d.center_x, d.center_y, d.size_x, d.size_y) == \
+            ('cup', 0.75, 30.0, 60.0, 40.0, 80.0)
+    response = messages.fill_result(Detect.Response(), Answer(error='no frame'), header=header)
+    assert not response.success and response.error == 'no frame'
+    assert response.detections.detections == []
+
+
+def test_annotated_image_draws_the_boxes_on_the_original_pixels():
+    rgb = np.full((60, 80, 3), 200, np.uint8)
+    header = Header(frame_id='camera')
+    msg = messages.annotated_image(rgb, [Box('a', 10, 10, 40, 30)], header)
+    assert (msg.width, msg.height, msg.encoding, msg.step) == (80, 60, 'rgb8', 240)
+    assert msg.header.frame_id == 'camera'
+    drawn = np.frombuffer(bytes(msg.data), np.uint8).reshape(60, 80, 3)
+    assert (drawn[10, 25] == (255, 0, 255)).all() and (drawn[50, 70] == 200).all()
+    assert (rgb == 200).all()  # the caller's frame is not drawn on

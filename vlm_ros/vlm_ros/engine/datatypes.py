@@ -4,7 +4,7 @@ import dataclasses
 from dataclasses import dataclass, field
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -153,6 +153,29 @@ class GenerationConfig:
         return self
 
 
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box: corners (x1, y1) top left and (x2, y2) bottom right."""
+
+    label: str
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float = 1.0
+    """1.0 when the model gives none."""
+
+    @property
+    def center(self) -> Tuple[float, float]:
+        """Return (x, y) of the box's centre."""
+        return (self.x1 + self.x2) / 2.0, (self.y1 + self.y2) / 2.0
+
+    @property
+    def size(self) -> Tuple[float, float]:
+        """Return (width, height)."""
+        return self.x2 - self.x1, self.y2 - self.y1
+
+
 @dataclass
 class Timings:
     """Milliseconds spent per phase of one request."""
@@ -183,6 +206,10 @@ class Result:
     """What answered: ``local``, ``remote`` or ``local (fallback)``."""
     completion_token_count: Optional[int] = None
     """Generated tokens when the ids are unknown (a remote server reports only the count)."""
+    detections: List[Box] = field(default_factory=list)
+    """Boxes in the answer, in pixels of the request's first image (``engine.grounding``)."""
+    dropped_boxes: int = 0
+    """Boxes in the answer that could not be read or were empty after clipping."""
 
     @property
     def completion_tokens(self):

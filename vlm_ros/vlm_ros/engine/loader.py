@@ -39,7 +39,8 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
         return RemoteClient(r.url, r.model, api_key_env=r.api_key_env,
                             connect_timeout_s=r.connect_timeout_s,
                             read_timeout_s=r.read_timeout_s, max_retries=r.max_retries,
-                            image_max_side=r.image_max_side, defaults=defaults)
+                            image_max_side=r.image_max_side, defaults=defaults,
+                            box_format=r.box_format)
     from vlm_ros.engine.pipeline import Pipeline
     max_beams = max(max_beams, defaults.num_beams)
     family_class = registry.by_key(spec.family)

@@ -40,6 +40,8 @@ class RemoteSettings:
     read_timeout_s: float = 60.0
     max_retries: int = 2
     image_max_side: int = 1024
+    box_format: str = 'normalized_1000'
+    """How the served model writes boxes (``engine.grounding.BOX_FORMATS``)."""
 
 
 @dataclass(frozen=True)

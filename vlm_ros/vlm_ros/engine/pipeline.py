@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from vlm_ros.engine import grounding
 from vlm_ros.engine.answerer import Answerer
 from vlm_ros.engine.caches import FeatureCache, image_key
 from vlm_ros.engine.datatypes import (FINISH_CANCELLED, GenerationConfig, ImageOptions,
@@ -67,7 +68,8 @@ class Pipeline(Answerer):
         timings = Timings()
         start = time.perf_counter()
         on_phase('preprocess')
-        rgbs, _ = conversation(images, history)  # every image, the history's first
+        rgbs, turns = conversation(images, history)  # every image, the history's first
+        first_image = rgbs[sum(n for _, n in turns):][:1]
         keys, known = self._cached_features(rgbs, image_options)
         request = self.family.prepare(images, prompt, system_prompt, image_options, history,
                                       skip={i for i, f in enumerate(known) if f is not None})
@@ -117,10 +119,19 @@ class Pipeline(Answerer):
                        on_text=on_text, should_stop=should_stop, on_token=on_token)
         timings.decode_ms = _ms(t)
         self.decoder.keep(session, out.token_ids)
+        result = Result(text=out.text, finish_reason=out.finish_reason,
+                        token_ids=out.token_ids, prompt_tokens=prompt_len,
+                        image_tokens=request.num_image_tokens, timings=timings,
+                        cached_tokens=session.cached_tokens, backend='local')
+        box_format = getattr(self.family.info, 'box_format', '')
+        if box_format and first_image:
+            # Relative boxes need only the original size, whatever resizing or tiling the
+            # family did (a family with absolute boxes will say what size its model saw).
+            height, width = first_image[0].shape[:2]
+            found = grounding.locate(out.text, box_format, (width, height))
+            result.detections, result.dropped_boxes = found.boxes, found.dropped
         timings.total_ms = _ms(start)
-        return Result(text=out.text, finish_reason=out.finish_reason, token_ids=out.token_ids,
-                      prompt_tokens=prompt_len, image_tokens=request.num_image_tokens,
-                      timings=timings, cached_tokens=session.cached_tokens, backend='local')
+        return result
 
     def _cached_features(self, rgbs, image_options):
         """Return (cache keys, features known per image or None) for the request's images."""

@@ -47,6 +47,7 @@ import urllib.parse
 import httpx
 from PIL import Image
 
+from vlm_ros.engine import grounding
 from vlm_ros.engine.answerer import Answerer
 from vlm_ros.engine.datatypes import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP,
                                       GenerationConfig, ImageOptions, Result, Timings)
@@ -102,7 +103,8 @@ class RemoteClient(Answerer):
     def __init__(self, url, model, *, api_key_env='', connect_timeout_s=5.0,
                  read_timeout_s=60.0, max_retries=2, image_max_side=1024,
                  image_format='jpeg', jpeg_quality=90,
-                 defaults: Optional[GenerationConfig] = None, extra_body=None):
+                 defaults: Optional[GenerationConfig] = None, extra_body=None,
+                 box_format=grounding.NORMALIZED_1000):
         self.url = check_remote_settings(url, model, api_key_env)
         self.model = str(model).strip()
         if image_format not in IMAGE_FORMATS:
@@ -110,6 +112,10 @@ class RemoteClient(Answerer):
                                     f'got {image_format!r}')
         if image_max_side < 1 or max_retries < 0:
             raise RemoteConfigError('image_max_side must be >= 1 and max_retries >= 0')
+        if box_format not in grounding.BOX_FORMATS:
+            raise RemoteConfigError(f'box_format must be one of {grounding.BOX_FORMATS}, '
+                                    f'got {box_format!r}')
+        self.box_format = box_format
         self.endpoint = self.url + '/chat/completions'
         self.api_key_env = api_key_env
         self.connect_timeout_s = float(connect_timeout_s)
@@ -221,15 +227,28 @@ class RemoteClient(Answerer):
         messages.append({'role': 'user', 'content': content})
         return messages
 
-    def encode_image(self, image) -> str:
-        """Return ``image`` as a data URL, downscaled to ``image_max_side`` (aspect kept)."""
-        rgb = to_rgb(image)
-        picture = Image.fromarray(rgb)
-        width, height = picture.size
+    def sent_size(self, width, height):
+        """
+        Return the (width, height) an image of this size is sent at.
+
+        Downscaled to ``image_max_side`` (aspect kept). With ``absolute`` boxes (Qwen2.5-VL),
+        also put on the Qwen2-VL resize grid: the server then sees exactly this size, which
+        its boxes refer to.
+        """
         longest = max(width, height)
         if longest > self.image_max_side:
             scale = self.image_max_side / longest
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        if self.box_format == grounding.ABSOLUTE:
+            height, width = grounding.smart_resize(height, width)
+        return width, height
+
+    def encode_image(self, image) -> str:
+        """Return ``image`` as a data URL at ``sent_size``."""
+        rgb = to_rgb(image)
+        picture = Image.fromarray(rgb)
+        size = self.sent_size(*picture.size)
+        if size != picture.size:
             picture = picture.resize(size, Image.LANCZOS)
         pil_format, mime = IMAGE_FORMATS[self.image_format]
         buffer = io.BytesIO()
@@ -245,6 +264,7 @@ class RemoteClient(Answerer):
         timings = Timings()
         start = time.perf_counter()
         progress.phase('preprocess')
+        images = [to_rgb(image) for image in images]
         image_urls = [self.encode_image(image) for image in images]
         body = dict(body, messages=self.messages(image_urls, prompt, system_prompt, history))
         timings.preprocess_ms = _ms(start)
@@ -278,9 +298,15 @@ class RemoteClient(Answerer):
         timings.prefill_ms = (first - sent) * 1000.0
         timings.decode_ms = (end - first) * 1000.0
         timings.total_ms = (end - start) * 1000.0
-        return Result(text=''.join(answer.parts), finish_reason=answer.finish_reason,
-                      prompt_tokens=answer.prompt_tokens, timings=timings,
-                      completion_token_count=answer.completion_tokens, backend='remote')
+        result = Result(text=''.join(answer.parts), finish_reason=answer.finish_reason,
+                        prompt_tokens=answer.prompt_tokens, timings=timings,
+                        completion_token_count=answer.completion_tokens, backend='remote')
+        if images:
+            height, width = images[0].shape[:2]
+            found = grounding.locate(result.text, self.box_format, (width, height),
+                                     self.sent_size(width, height))
+            result.detections, result.dropped_boxes = found.boxes, found.dropped
+        return result
 
     def _read(self, response, answer, progress, should_stop):
         kind = response.headers.get('content-type', '')

@@ -112,7 +112,7 @@ class GenerateAction:
         feedback = _Feedback(goal_handle, node.param('feedback_min_interval_ms') / 1000.0,
                              time.monotonic())
         entry = {'feedback': feedback, 'job': None, 'error': None,
-                 'done': node.answer_future()}
+                 'done': node.answer_future(), 'header': None}
         try:
             goal = goal_handle.request
             overrides = messages.generation_overrides(goal)
@@ -121,6 +121,7 @@ class GenerateAction:
                 node.param('system_prompt')
             history = [messages.check_prompt(turn, 'history') for turn in goal.history]
             source = node.images_source(goal.images, goal.compressed_images)
+            entry['header'] = source.header
             entry['job'] = node.make_job(
                 source, prompt, system, overrides, history=history,
                 progress={'on_text': feedback.text, 'on_phase': feedback.phase,
@@ -158,7 +159,7 @@ class GenerateAction:
                 entry['feedback'].flush()
             with self._lock:
                 del self._goals[key]
-            result = messages.fill_result(Generate.Result(), answer)
+            result = messages.fill_result(Generate.Result(), answer, header=entry['header'])
             if goal_handle.is_cancel_requested and answer.finish_reason == FINISH_CANCELLED:
                 result.error = result.error or 'cancelled by the caller'
                 goal_handle.canceled()

@@ -10,13 +10,16 @@ message or an action result. Nothing here spins a node, so it is tested in-proce
 
 import math
 import re
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
+from PIL import Image as PILImage, ImageDraw
+from sensor_msgs.msg import Image
 
 from vlm_ros.engine import images
-from vlm_ros.engine.datatypes import FINISH_ERROR, GENERATION_LIMITS, Result
+from vlm_ros.engine.datatypes import Box, FINISH_ERROR, GENERATION_LIMITS, Result
 from vlm_ros.engine.errors import ImageError, VlmError
+from vlm_ros_interfaces.msg import Detection2D, Detection2DArray
 
 # encoding -> (channels, dtype, channel order as engine.images.from_channels reads it)
 ENCODINGS = {
@@ -160,21 +163,54 @@ def generation_overrides(request) -> Dict[str, object]:
 
 # -- answers --------------------------------------------------------------------------------
 
-def fill_result(target, answer: Answer, with_status=True):
+def detections_msg(boxes: Sequence[Box], header=None) -> Detection2DArray:
+    """Return boxes (original-image pixels) as a Detection2DArray with the image's header."""
+    array = Detection2DArray(detections=[
+        Detection2D(label=b.label, score=float(b.score), center_x=b.center[0],
+                    center_y=b.center[1], size_x=b.size[0], size_y=b.size[1])
+        for b in boxes])
+    if header is not None:
+        array.header = header
+    return array
+
+
+def annotated_image(rgb: np.ndarray, boxes: Sequence[Box], header=None) -> Image:
+    """Return ``rgb`` with each box and its label drawn, as an rgb8 ``sensor_msgs/Image``."""
+    picture = PILImage.fromarray(rgb)
+    draw = ImageDraw.Draw(picture)
+    width = max(1, round(max(rgb.shape[:2]) / 200))
+    for b in boxes:
+        draw.rectangle((b.x1, b.y1, b.x2, b.y2), outline=(255, 0, 255), width=width)
+        if b.label:
+            draw.text((b.x1 + width + 1, b.y1 + width + 1), b.label, fill=(255, 0, 255))
+    data = np.asarray(picture, dtype=np.uint8)
+    msg = Image(height=data.shape[0], width=data.shape[1], encoding='rgb8', is_bigendian=0,
+                step=data.shape[1] * 3, data=data.tobytes())
+    if header is not None:
+        msg.header = header
+    return msg
+
+
+def fill_result(target, answer: Answer, with_status=True, header=None):
     """
-    Copy an answer into a Query response, a Result message or an action result.
+    Copy an answer into a Query or Detect response, a Result message or an action result.
 
     Sets the fields ``target`` has: ``success`` / ``error`` (with ``with_status``), ``text``,
-    ``finish_reason``, token counts and per-phase timings. For a failed answer the Result
-    message, which has no error field, carries the error as its text.
+    ``finish_reason``, token counts, per-phase timings and ``detections`` (stamped with
+    ``header``, the image's). For a failed answer the Result message, which has no error
+    field, carries the error as its text.
     """
     has_error = hasattr(target, 'error')
     if with_status and hasattr(target, 'success'):
         target.success = answer.success
         target.error = answer.error
     target.text = answer.text if (answer.success or has_error) else answer.error
-    target.finish_reason = answer.finish_reason
-    if answer.result is None:
+    if hasattr(target, 'finish_reason'):
+        target.finish_reason = answer.finish_reason
+    if hasattr(target, 'detections'):
+        boxes = answer.result.detections if answer.result is not None else ()
+        target.detections = detections_msg(boxes, header)
+    if answer.result is None or not hasattr(target, 'prompt_tokens'):
         return target
     r, t = answer.result, answer.result.timings
     target.prompt_tokens = r.prompt_tokens

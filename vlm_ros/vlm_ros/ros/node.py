@@ -30,6 +30,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
+from vlm_ros.engine import grounding
 from vlm_ros.engine.datatypes import FINISH_CANCELLED, ImageOptions
 from vlm_ros.engine.errors import RemoteUnreachableError, VlmError
 from vlm_ros.engine.fallback import FallbackAnswerer
@@ -40,8 +41,8 @@ from vlm_ros.ros import diagnostics, messages, params
 from vlm_ros.ros.generate_action import GenerateAction
 from vlm_ros.ros.messages import Answer, NOT_ACTIVE
 from vlm_ros.ros.request_queue import Busy, Cancelled, Closed, Job, RequestQueue
-from vlm_ros_interfaces.msg import Result as ResultMsg
-from vlm_ros_interfaces.srv import Query
+from vlm_ros_interfaces.msg import Detection2DArray, Result as ResultMsg
+from vlm_ros_interfaces.srv import Detect, Query
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.pgm', '.ppm'}
 DEACTIVATE_GRACE_S = 5.0
@@ -87,6 +88,8 @@ class VlmNode(Node):
         # a rejection), not a timeout.
         self.create_service(Query, '~/query', self._on_query, qos_profile=REQUEST_QOS,
                             callback_group=ReentrantCallbackGroup())
+        self.create_service(Detect, '~/detect', self._on_detect, qos_profile=REQUEST_QOS,
+                            callback_group=ReentrantCallbackGroup())
         self.generate_action = GenerateAction(self, REQUEST_QOS)
         # Health on /diagnostics in every state (an absolute name, as diagnostic tools expect).
         period = self.get_parameter('diagnostics_period_s').value
@@ -121,6 +124,13 @@ class VlmNode(Node):
         self.detail_pub = self.create_lifecycle_publisher(ResultMsg, 'result_detail',
                                                           RESULT_DEPTH)
         if cfg['feed_type'] == params.FEED_TOPICS:
+            self.detections_pub = self.create_lifecycle_publisher(
+                Detection2DArray, 'detections', RESULT_DEPTH)
+            # Drawn only while someone subscribes (rqt_image_view, RViz). Reliable: viewers
+            # that subscribe best-effort and reliably can both take it.
+            self.annotated_pub = self.create_lifecycle_publisher(
+                Image, 'detections/image', QoSProfile(
+                    depth=2, reliability=ReliabilityPolicy.RELIABLE))
             group = MutuallyExclusiveCallbackGroup()
             self._subs = [
                 self.create_subscription(Image, 'image', self._on_frame,
@@ -144,7 +154,7 @@ class VlmNode(Node):
                 connect_timeout_s=cfg['remote_connect_timeout_s'],
                 read_timeout_s=cfg['remote_read_timeout_s'],
                 max_retries=cfg['remote_max_retries'],
-                image_max_side=cfg['remote_image_max_side'])
+                image_max_side=cfg['remote_image_max_side'], box_format=cfg['box_format'])
         share = share_dir()
         return resolve(cfg['model_dir'] or None, vision_model=cfg['model_file_name'] or None,
                        decoder_model=cfg['llm_model_name'] or None,
@@ -302,12 +312,14 @@ class VlmNode(Node):
                 self._in_flight_lock.notify_all()
 
     def make_job(self, image_source, prompt, system_prompt='', overrides=None, on_done=None,
-                 history=(), progress=None):
+                 history=(), progress=None, questions=None):
         """
         Build the job that answers one request on the worker thread.
 
         ``image_source`` is called there (decoding is work, not the caller's thread's);
         ``progress`` holds ``on_text`` / ``on_phase`` / ``on_token`` callbacks.
+        ``questions``: ``(label, question)`` pairs asked in turn instead of ``prompt``
+        (``~/detect``), their answers merged.
         """
         answerer = self.answerer
         settings = self._settings(overrides)
@@ -320,9 +332,13 @@ class VlmNode(Node):
                               finish_reason=FINISH_CANCELLED)
             try:
                 images = image_source() if callable(image_source) else image_source
-                result = answerer.generate(images, prompt, system_prompt, history=history,
-                                           should_stop=job.should_stop, **(progress or {}),
-                                           **settings)
+                kwargs = dict(history=history, should_stop=job.should_stop,
+                              **(progress or {}), **settings)
+                if questions is None:
+                    result = answerer.generate(images, prompt, system_prompt, **kwargs)
+                else:
+                    result = grounding.detect(answerer, images, questions, system_prompt,
+                                              **kwargs)
             except RemoteUnreachableError as exc:
                 return self._counted(Answer(error=str(exc)), unreachable=str(exc))
             except VlmError as exc:
@@ -402,34 +418,94 @@ class VlmNode(Node):
         # threads take every request and each caller beyond the queue is told "busy" at once,
         # however many are waiting.
         with self.in_flight():
-            answer = await self._answer_query(request)
-        messages.fill_result(response, answer)
+            answer, header = await self._answer_query(request)
+        messages.fill_result(response, answer, header=header)
         if not answer.success:
             self.get_logger().warning(f'query failed: {answer.error}')
         return response
 
     async def _answer_query(self, request):
+        """Return (Answer, header of the image asked about or None)."""
         if not self._active.is_set() or self.cfg is None:
             self.stats.refuse()
-            return Answer(error=NOT_ACTIVE)
+            return Answer(error=NOT_ACTIVE), None
         try:
             overrides = messages.generation_overrides(request)
             prompt = messages.check_prompt(request.prompt) or self.param('user_prompt')
             system = messages.check_prompt(request.system_prompt, 'system_prompt') or \
                 self.param('system_prompt')
-            images = [request.image] if messages.has_data(request.image) else []
-            compressed = [request.compressed_image] if not images and \
-                messages.has_data(request.compressed_image) else []
-            source = self.images_source(images, compressed)
+            source = self.images_source(*self._request_images(request))
         except VlmError as exc:
-            return Answer(error=str(exc))
+            return Answer(error=str(exc)), None
+        return await self._run(self.make_job(source, prompt, system, overrides)), \
+            source.header
+
+    async def _run(self, job):
+        """Queue ``job`` and await its Answer (a refusal at once)."""
         done = self.answer_future()
-        job = self.make_job(source, prompt, system, overrides, on_done=done.set_job)
+        job.on_done = done.set_job
         refused = self._submit(job)
         if refused is not None:
             return refused
         done.watch(job)
         return await done.future
+
+    @staticmethod
+    def _request_images(request):
+        """Return ([image], []) or ([], [compressed_image]) or ([], []) of a request."""
+        images = [request.image] if messages.has_data(request.image) else []
+        compressed = [request.compressed_image] if not images and \
+            messages.has_data(request.compressed_image) else []
+        return images, compressed
+
+    async def _on_detect(self, request, response):
+        with self.in_flight():
+            answer, header = await self._answer_detect(request)
+        messages.fill_result(response, answer, header=header)
+        if not answer.success:
+            self.get_logger().warning(f'detect failed: {answer.error}')
+        return response
+
+    async def _answer_detect(self, request):
+        if not self._active.is_set() or self.cfg is None:
+            self.stats.refuse()
+            return Answer(error=NOT_ACTIVE), None
+        try:
+            labels = [messages.check_prompt(label, 'labels') for label in request.labels]
+            prompt = messages.check_prompt(request.prompt)
+            questions = self.detect_questions(labels, prompt)
+            source = self.images_source(*self._request_images(request))
+        except (VlmError, ValueError) as exc:
+            return Answer(error=str(exc)), None
+        job = self.make_job(source, '', self.param('system_prompt'), questions=questions)
+        return await self._run(job), source.header
+
+    def detect_questions(self, labels, prompt):
+        """
+        Return the ``(label, question)`` pairs to ask for ``labels``, or the free ``prompt``.
+
+        The question comes from the detect_prompt parameter, else the model family's
+        grounding question, else (remote backend) the one for its box_format.
+        """
+        labels = [label.strip() for label in labels if label.strip()]
+        if prompt.strip():
+            if labels:
+                raise messages.RequestError('give labels or a prompt, not both')
+            return [('', prompt)]
+        if not labels:
+            raise messages.RequestError('labels (or a prompt) are required')
+        template = self.param('detect_prompt')
+        if not template and self.spec.is_remote:
+            template = grounding.JSON_PROMPT if self.cfg['box_format'] == grounding.ABSOLUTE \
+                else grounding.INTERNVL_PROMPT
+        if not template:
+            info = registry.by_key(self.spec.family).info
+            template = info.grounding_prompt
+            if not template:
+                raise messages.RequestError(
+                    f'{info.display_name} was not trained to locate objects: set the '
+                    'detect_prompt parameter or ask with a prompt')
+        return grounding.prompts(template, labels)
 
     def images_source(self, images, compressed):
         """
@@ -443,14 +519,14 @@ class VlmNode(Node):
         if len(msgs) > limit:
             raise VlmError(f'{len(msgs)} images in one request; max_images allows {limit}')
         if msgs:
-            return lambda: [_frame_to_array(m) for m in msgs]
+            return Frames(msgs)
         with self._frame_lock:
             frame = self._latest_frame
         if frame is None:
             raise VlmError('the request has no image and no camera frame has arrived'
                            + ('' if self.cfg['feed_type'] == params.FEED_TOPICS else
                               ' (feed_type 0 does not subscribe to images)'))
-        return lambda: [_frame_to_array(frame)]
+        return Frames([frame])
 
     # Topics ----------------------------------------------------------------------------
     def _on_frame(self, msg):
@@ -469,10 +545,10 @@ class VlmNode(Node):
         except VlmError as exc:
             self._report_dropped(msg.data, Answer(error=str(exc)), header)
             return
-        job = self.make_job(lambda: [_frame_to_array(frame)], prompt,
-                            self.param('system_prompt'),
+        source = Frames([frame])
+        job = self.make_job(source, prompt, self.param('system_prompt'),
                             on_done=lambda job: self._publish(msg.data, self._outcome(job),
-                                                              header))
+                                                              header, source))
         refused = self._submit(job)
         if refused is not None:
             self._report_dropped(msg.data, refused, header)
@@ -482,16 +558,24 @@ class VlmNode(Node):
         self._publish(prompt, Answer(error=f'prompt dropped: {answer.error}',
                                      finish_reason=answer.finish_reason), header)
 
-    def _publish(self, prompt, answer, header=None):
+    def _publish(self, prompt, answer, header=None, source=None):
         cfg = self.cfg
         if cfg is None:
             return
         if answer.success:
             self.result_pub.publish(String(data=answer.text))
-        detail = messages.fill_result(ResultMsg(prompt=prompt), answer)
+        detail = messages.fill_result(ResultMsg(prompt=prompt), answer, header=header)
         if header is not None:
             detail.header = header
         self.detail_pub.publish(detail)
+        if cfg['feed_type'] == params.FEED_TOPICS and header is not None and answer.success:
+            # Every answer about a camera frame, boxes or none: a consumer sees "nothing
+            # found" as an empty array rather than silence.
+            self.detections_pub.publish(detail.detections)
+            if source is not None and source.arrays and \
+                    self.annotated_pub.get_subscription_count() > 0:
+                self.annotated_pub.publish(messages.annotated_image(
+                    source.arrays[0], answer.result.detections, header))
 
     # feed_type 0 -----------------------------------------------------------------------
     def _file_list(self, cfg):
@@ -529,6 +613,24 @@ class VlmNode(Node):
                 self.get_logger().error(f'{failures} of {len(files)} images failed')
             self.exit_code = 1 if failures else 0
             self._exit_event.set()
+
+
+class Frames:
+    """
+    The image messages of one request, decoded when called (on the worker thread).
+
+    ``header`` is the first image's (what detections are stamped with); ``arrays`` keeps the
+    decoded images for drawing the detections.
+    """
+
+    def __init__(self, msgs):
+        self.msgs = msgs
+        self.header = msgs[0].header
+        self.arrays = []
+
+    def __call__(self):
+        self.arrays = [_frame_to_array(m) for m in self.msgs]
+        return self.arrays
 
 
 class JobFuture:

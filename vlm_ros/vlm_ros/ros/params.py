@@ -10,12 +10,13 @@ files are read, where requests are sent or which secret is used are read-only: s
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
 from rclpy.exceptions import (InvalidParameterTypeException, InvalidParameterValueException,
                               ParameterAlreadyDeclaredException)
+from vlm_ros.engine import grounding
 from vlm_ros.engine.datatypes import GENERATION_LIMITS, Limit
 from vlm_ros.engine.families import registry
 
@@ -23,6 +24,14 @@ FEED_FILE = 0
 FEED_TOPICS = 1
 BACKENDS = ('local', 'remote')
 FALLBACKS = ('none', 'local')
+
+
+def _template_problem(template) -> Optional[str]:
+    if template and '{label}' not in template and '{labels}' not in template:
+        return "a grounding question needs '{label}' or '{labels}'"
+    return None
+
+
 DEFAULT_MODEL_TYPE = registry.default().info.model_type_param
 
 
@@ -39,6 +48,8 @@ class Spec:
     read_only: bool = False
     limit: Optional[Limit] = None
     """An engine limit checked instead of ``bounds`` (which then come from it)."""
+    accepts: Optional[Callable[[Any], Optional[str]]] = None
+    """A further check: returns why a value is not acceptable, or None."""
 
     def __post_init__(self):
         if self.limit is not None and self.bounds is None:
@@ -67,6 +78,8 @@ class Spec:
         """Return why ``value`` is not acceptable, or None."""
         if self.choices is not None and value not in self.choices:
             return f'{self.name} must be one of {list(self.choices)}, got {value!r}'
+        if self.accepts is not None and self.accepts(value):
+            return f'{self.name}: {self.accepts(value)}'
         if self.limit is not None:
             return self.limit.check(self.name, value)
         if self.bounds is not None and not isinstance(value, bool):
@@ -87,6 +100,10 @@ SPECS = (
     Spec('user_prompt', 'Describe this image.', 'Prompt for feed_type 0 and for service calls '
          'with an empty prompt.'),
     Spec('system_prompt', '', 'System message put before the user turn; empty = none.'),
+    Spec('detect_prompt', '', '~/detect question: {label} is asked once per label, {labels} '
+         "once for all; empty = the model family's grounding question (backend remote: "
+         "InternVL's for box_format normalized_1000, a JSON one for absolute).",
+         accepts=_template_problem),
     # Which model.
     Spec('backend', 'local', 'local: run the model here; remote: send requests to an '
          'OpenAI-compatible server.', choices=BACKENDS, read_only=True),
@@ -158,6 +175,10 @@ SPECS = (
     Spec('remote_max_retries', 2, 'Retries on connection errors only.', bounds=(0, 10)),
     Spec('remote_image_max_side', 1024, 'Longest image side sent to the server, in pixels.',
          bounds=(16, 8192)),
+    Spec('box_format', 'normalized_1000', 'backend remote: how the served model writes boxes: '
+         'normalized_1000 (0-1000 of the image: InternVL, Qwen2-VL) or absolute (pixels of '
+         'the image it saw: Qwen2.5-VL, VLM-R1; images are then sent on its resize grid). '
+         'Local models declare their own.', choices=grounding.BOX_FORMATS, read_only=True),
     Spec('remote_fallback', 'none', 'backend remote: local = also load the local model and '
          'answer with it while the server cannot be reached; none = report the failure.',
          choices=FALLBACKS, read_only=True),

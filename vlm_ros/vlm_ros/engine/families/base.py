@@ -41,6 +41,12 @@ class FamilyInfo:
     renders."""
     default: bool = False
     """The family of the embedded default model (the node's default ``model_type``)."""
+    box_format: str = ''
+    """How its answers write boxes (``engine.grounding``: ``normalized_1000`` or
+    ``absolute``); '' when it was not trained to locate objects."""
+    grounding_prompt: str = ''
+    """The question it was trained to answer with boxes: ``{label}`` for one question per
+    label, ``{labels}`` for one about all of them."""
 
 
 class ModelFamily:

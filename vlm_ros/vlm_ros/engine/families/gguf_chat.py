@@ -40,6 +40,7 @@ class GgufChatFamily(ModelFamily):
 
     def __init__(self, gguf_path, vocabulary: Vocabulary, info):
         self.name = f'{info.key} (GGUF)'
+        self.info = info  # answers as the registered family does (e.g. its box format)
         self.vocabulary = vocabulary
         meta = read_metadata(gguf_path, ('tokenizer.chat_template',
                                          'tokenizer.ggml.bos_token_id',

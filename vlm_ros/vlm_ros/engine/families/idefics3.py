@@ -38,7 +38,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from vlm_ros.engine import images
+from vlm_ros.engine import grounding, images
 from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_token_pattern
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
@@ -171,7 +171,10 @@ class Idefics3Family(TemplatedFamily):
             "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
             "{{ part['text'] }}{% else %}<image>{% endif %}{% endfor %}<end_of_utterance>\n"
             '{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}'),
-        default=True)
+        default=True,
+        # SmolVLM itself was not trained to locate objects; the embedded default model (this
+        # family) answers InternVL's grounding question in InternVL's format.
+        box_format=grounding.NORMALIZED_1000, grounding_prompt=grounding.INTERNVL_PROMPT)
     frame_axis = 1  # pixel_values [1, frames, 3, H, W]
 
     def __init__(self, model_dir):

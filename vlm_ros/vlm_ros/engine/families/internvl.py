@@ -42,7 +42,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from vlm_ros.engine import images
+from vlm_ros.engine import grounding, images
 from vlm_ros.engine.chat_template import (ChatTemplate, CONTROL_START, control_token_pattern,
                                           mark_control_tokens)
 from vlm_ros.engine.datatypes import ImageOptions
@@ -151,7 +151,8 @@ class InternVLFamily(TemplatedFamily):
             "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
             "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
             "{{ part['text'] }}{% else %}<image>\n{% endif %}{% endfor %}<|im_end|>\n"
-            '{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}'))
+            '{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}'),
+        box_format=grounding.NORMALIZED_1000, grounding_prompt=grounding.INTERNVL_PROMPT)
     vision_input_names = ('pixel_values',)
 
     def __init__(self, model_dir):
