@@ -196,9 +196,9 @@ class RosClient:
     def close(self):
         import rclpy
         self.executor.shutdown()
+        self._thread.join(5)  # spinning stops before its context goes away
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self._thread.join(5)
 
 
 @pytest.fixture
