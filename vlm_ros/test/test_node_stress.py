@@ -279,23 +279,27 @@ def test_node_serves_after_fuzzing(served):
 # -- shutdown ---------------------------------------------------------------------------------
 
 
+class _Unreachable(Exception):
+    """The test's client never reached a node that its log shows active (DDS discovery)."""
+
+
 def _signal_trial(tmp_path, client, model_dir, signum, during_request, name):
     node = NodeProcess(tmp_path, '-r', f'__node:={name}',
                        *base_args(model_dir, '-p', 'max_new_tokens:=2000'), name=name)
     try:
-        try:
-            active = wait_active(client, name)
-        except AssertionError:  # get_state never answered
-            active = False
-        if not active:
-            node.proc.send_signal(signal.SIGUSR1)  # the node's threads, into its log
-            time.sleep(1.0)
-            pytest.fail(f'{name} never reported active; node log:\n{node.output()[-6000:]}')
+        # Active by its own log, not by get_state: readiness must not depend on discovery.
+        assert node.wait_for_output('sessions created', timeout=60), node.output()[-3000:]
         replies = []
         if during_request:
             service = f'/{name}/query'
+            try:
+                ready = _ready_clients(client, service, 2)  # one running, one queued
+            except AssertionError as exc:
+                node.proc.send_signal(signal.SIGUSR1)  # the node's threads, into its log
+                time.sleep(1.0)
+                raise _Unreachable(f'{exc}; node log:\n{node.output()[-4000:]}') from None
             calls = [c.call_async(Query.Request(image=image_msg(frame()), prompt=LONG_PROMPT))
-                     for c in _ready_clients(client, service, 2)]  # one running, one queued
+                     for c in ready]
             time.sleep(0.5)
         start = time.monotonic()
         node.proc.send_signal(signum)
@@ -321,14 +325,23 @@ def _signal_trial(tmp_path, client, model_dir, signum, during_request, name):
 @pytest.mark.parametrize('during_request', [True, False], ids=['during_request', 'idle'])
 def test_signals_exit_zero_and_answer_callers(tmp_path, model_dir, signum, during_request):
     from conftest import RosClient
-    times = []
-    for trial in range(10):
+    times, unreachable = [], []
+    trial = 0
+    while len(times) < 10:
+        trial += 1
         # A client of its own per trial: clients kept for nodes that are gone would add
         # forty nodes' worth of stale discovery traffic over the run.
         client = RosClient(f'vlm_signal_client_{trial}')
         try:
             code, elapsed = _signal_trial(tmp_path, client, model_dir, signum, during_request,
                                           f'sig_{signum}_{int(during_request)}_{trial}')
+        except _Unreachable as exc:
+            # Before any signal: Fast DDS 2.14 (Jazzy's) sometimes never matches a fresh
+            # client with a fresh node (seen about once in 80 trials, the node active and
+            # idle). Not what this test is about, so that trial is run again, at most twice.
+            unreachable.append(str(exc))
+            assert len(unreachable) <= 2, '\n\n'.join(unreachable)
+            continue
         finally:
             client.close()
         assert code == 0, f'trial {trial}: exit code {code}'
@@ -336,7 +349,8 @@ def test_signals_exit_zero_and_answer_callers(tmp_path, model_dir, signum, durin
         times.append(elapsed)
     print(f'\n[stress] {signal.Signals(signum).name} '
           f'{"during a request" if during_request else "after activation"}: 10/10 exit 0, '
-          f'max {max(times):.2f} s')
+          f'max {max(times):.2f} s; {len(unreachable)} trial(s) run again (client never '
+          'reached the node)')
 
 
 # -- run-time parameter changes ---------------------------------------------------------------
