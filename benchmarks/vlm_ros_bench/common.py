@@ -14,6 +14,16 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(BENCH_DIR)
 
 
+def repo_relative(doc):
+    """
+    Return a copy of a results document with this checkout's path cut from every string.
+
+    Results are committed: they name files as the repository does, not as one machine does.
+    """
+    prefix = json.dumps(REPO.rstrip(os.sep) + os.sep)[1:-1]
+    return json.loads(json.dumps(doc).replace(prefix, ''))
+
+
 def bench_image(size=IMAGE_SIZE, seed=IMAGE_SEED):
     """
     Return the fixed benchmark image: RGB uint8 ``size`` x ``size``, the same in every process.

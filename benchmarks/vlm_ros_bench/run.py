@@ -264,11 +264,12 @@ def _write(doc):
     problems = schema.validate(doc)
     if problems:
         raise RuntimeError('the results do not match the schema:\n' + '\n'.join(problems))
+    public = common.repo_relative(doc)
     with open(doc['artifacts']['json'], 'w', encoding='utf-8') as f:
-        json.dump(doc, f, indent=1)
+        json.dump(public, f, indent=1)
         f.write('\n')
     with open(doc['artifacts']['markdown'], 'w', encoding='utf-8') as f:
-        f.write(report.markdown(doc))
+        f.write(report.markdown(public))
     _log(f'wrote {doc["artifacts"]["json"]} and {doc["artifacts"]["markdown"]}')
 
 

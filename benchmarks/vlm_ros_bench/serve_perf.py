@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from vlm_ros_bench.common import REPO
+from vlm_ros_bench.common import REPO, repo_relative
 
 RESULTS = os.path.join(REPO, 'benchmarks', 'results')
 MODEL = 'smolvlm2-256m'
@@ -410,6 +410,7 @@ def markdown(doc):
 
 
 def _write(doc, out):
+    doc = repo_relative(doc)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, 'w', encoding='utf-8') as f:
         json.dump(doc, f, indent=1)
