@@ -414,21 +414,32 @@ class VlmNode(Node):
 
     # Service ---------------------------------------------------------------------------
     async def _on_query(self, request, response):
-        # A coroutine: while the model answers no executor thread waits for it, so a few
-        # threads take every request and each caller beyond the queue is told "busy" at once,
-        # however many are waiting.
+        return await self._serve(self._answer_query, request, response, 'query')
+
+    async def _on_detect(self, request, response):
+        return await self._serve(self._answer_detect, request, response, 'detect')
+
+    async def _serve(self, answer, request, response, what):
+        """
+        Answer one service call: ``answer(request)`` -> (Answer, image header or None).
+
+        A coroutine: while the model answers no executor thread waits for it, so a few
+        threads take every request and each caller beyond the queue is told "busy" at once,
+        however many are waiting.
+        """
         with self.in_flight():
-            answer, header = await self._answer_query(request)
-        messages.fill_result(response, answer, header=header)
-        if not answer.success:
-            self.get_logger().warning(f'query failed: {answer.error}')
+            if not self._active.is_set() or self.cfg is None:
+                self.stats.refuse()
+                result, header = Answer(error=NOT_ACTIVE), None
+            else:
+                result, header = await answer(request)
+        messages.fill_result(response, result, header=header)
+        if not result.success:
+            self.get_logger().warning(f'{what} failed: {result.error}')
         return response
 
     async def _answer_query(self, request):
         """Return (Answer, header of the image asked about or None)."""
-        if not self._active.is_set() or self.cfg is None:
-            self.stats.refuse()
-            return Answer(error=NOT_ACTIVE), None
         try:
             overrides = messages.generation_overrides(request)
             prompt = messages.check_prompt(request.prompt) or self.param('user_prompt')
@@ -458,18 +469,8 @@ class VlmNode(Node):
             messages.has_data(request.compressed_image) else []
         return images, compressed
 
-    async def _on_detect(self, request, response):
-        with self.in_flight():
-            answer, header = await self._answer_detect(request)
-        messages.fill_result(response, answer, header=header)
-        if not answer.success:
-            self.get_logger().warning(f'detect failed: {answer.error}')
-        return response
-
     async def _answer_detect(self, request):
-        if not self._active.is_set() or self.cfg is None:
-            self.stats.refuse()
-            return Answer(error=NOT_ACTIVE), None
+        """Return (Answer, header of the image searched or None)."""
         try:
             labels = [messages.check_prompt(label, 'labels') for label in request.labels]
             prompt = messages.check_prompt(request.prompt)
