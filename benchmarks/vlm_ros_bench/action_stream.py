@@ -11,12 +11,16 @@ off; an ActionClient in this process sends the same goal again and again:
   drift of the machine hits both the same;
 - cancel latency: a goal with a long answer is cancelled once its feedback reports
   ``CANCEL_AFTER`` tokens; the time from sending the cancel request to receiving the result,
-  next to the time per token of the same run (the target: one decode step + 20 ms).
+  next to the time per token of the same run (the target: one decode step + 20 ms);
+- the feedback cost again with one core fewer decoding (``spare_core``): where every core
+  decodes, the transport's work for each feedback message (the node's DDS writer, the
+  caller's reader) takes a core from a decode thread that the others then wait for.
 
 Runs in its own process (``python -m vlm_ros_bench.action_stream SPEC OUT``), like the ROS
 overhead measurement.
 """
 
+import contextlib
 import os
 import time
 
@@ -27,22 +31,38 @@ CANCEL_AFTER = 16
 
 
 class _Client:
-    """An rclpy node in its own context, spun by a background thread."""
+    """
+    An rclpy node in its own context, spun on the calling thread.
+
+    One thread and no polling: the client's own CPU time competes with the node's decode
+    threads on a small machine, and the measurement is of the node.
+    """
 
     def __init__(self):
-        import threading
-
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
 
         self.rclpy = rclpy
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node('vlm_bench_action_client', context=self.context)
-        self.executor = MultiThreadedExecutor(context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+
+    def wait(self, future, timeout):
+        """Spin until ``future`` is done; return its result."""
+        self.executor.spin_until_future_complete(future, timeout_sec=timeout)
+        if not future.done():
+            raise TimeoutError(f'no answer within {timeout} s')
+        return future.result()
+
+    def spin_until(self, predicate, timeout):
+        """Spin until ``predicate()`` holds (checked after every callback)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'not reached within {timeout} s')
+            self.executor.spin_once(timeout_sec=0.1)
 
     def close(self):
         self.executor.shutdown()
@@ -50,25 +70,20 @@ class _Client:
         self.rclpy.try_shutdown(context=self.context)
 
 
-def _wait(future, timeout):
-    deadline = time.monotonic() + timeout
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.0005)
-    if not future.done():
-        raise TimeoutError(f'no answer within {timeout} s')
-    return future.result()
-
-
 def _set_interval(client, value, timeout):
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import SetParameters
 
     service = client.node.create_client(SetParameters, f'/{NODE_NAME}/set_parameters')
-    if not service.wait_for_service(timeout_sec=timeout):
-        raise TimeoutError('no parameter service')
-    param = Parameter(name='feedback_min_interval_ms', value=ParameterValue(
-        type=ParameterType.PARAMETER_INTEGER, integer_value=value))
-    result = _wait(service.call_async(SetParameters.Request(parameters=[param])), timeout)
+    try:
+        if not service.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError('no parameter service')
+        param = Parameter(name='feedback_min_interval_ms', value=ParameterValue(
+            type=ParameterType.PARAMETER_INTEGER, integer_value=value))
+        result = client.wait(service.call_async(SetParameters.Request(parameters=[param])),
+                             timeout)
+    finally:
+        client.node.destroy_client(service)
     if not result.results[0].successful:
         raise RuntimeError(result.results[0].reason)
 
@@ -79,7 +94,7 @@ def _counter(seen):
 
 
 def _goal(client, action, goal, timeout, on_feedback=None):
-    handle = _wait(action.send_goal_async(goal, feedback_callback=on_feedback), timeout)
+    handle = client.wait(action.send_goal_async(goal, feedback_callback=on_feedback), timeout)
     if not handle.accepted:
         raise RuntimeError('goal rejected')
     return handle
@@ -92,84 +107,114 @@ def measure(model_dir, model_label, node_args, threads, reps, new_tokens, log_pa
            'repetitions': reps, 'new_tokens': new_tokens, 'cancel_after_tokens': CANCEL_AFTER,
            'tpot_feedback_ms': None, 'tpot_no_feedback_ms': None, 'feedback_cost_fraction': None,
            'cancel_latency_ms': None, 'cancel_tpot_ms': None, 'feedback_messages': None,
-           'method': ('vlm_ros_interfaces/action/Generate from an rclpy ActionClient to the '
-                      'installed vlm_node (its own process, Fast DDS, discovery LOCALHOST); '
-                      'TPOT from the result decode_ms / (completion_tokens - 1), feedback '
-                      'every delta vs held back, alternating; cancel latency = cancel sent '
-                      '-> result received')}
-    from vlm_ros_bench.ros_overhead import _messages, running_node
-    args = ['-p', f'model_dir:={model_dir}', '-p', f'n_threads:={threads}',
-            '-p', f'max_new_tokens:={new_tokens}', '-p', 'feed_type:=1',
-            '-p', 'do_image_splitting:=false', *node_args]
-    with running_node(NODE_NAME, args, log_path):
-        _measure_goals(out, reps, new_tokens, timeout, _messages)
-    return out
+           'spare_core': None,
+           'method': ('vlm_ros_interfaces/action/Generate from an rclpy ActionClient (one '
+                      'thread, no polling) to the installed vlm_node (its own process, Fast '
+                      'DDS, discovery LOCALHOST); TPOT from the result decode_ms / '
+                      '(completion_tokens - 1), feedback every delta vs held back, '
+                      'alternating; cancel latency = cancel sent -> result received')}
+    from vlm_ros_bench.ros_overhead import isolate_ros
 
-
-def _measure_goals(out, reps, new_tokens, timeout, messages):
-    """Send the goals to the running node; fill ``out``."""
-    from rclpy.action import ActionClient
-    from vlm_ros_interfaces.action import Generate
-
+    isolate_ros()
     client = None
     try:
         client = _Client()
-        action = ActionClient(client.node, Generate, f'/{NODE_NAME}/generate')
-        if not action.wait_for_server(timeout_sec=60.0):
-            raise TimeoutError(f'/{NODE_NAME}/generate did not appear within 60 s')
-        image = messages('rgb8', 512, 512)[0]['image']
-        goal = Generate.Goal(images=[image], prompt=common.PROMPT, max_new_tokens=new_tokens)
-        deadline = time.monotonic() + 120
-        while True:  # autostart: the server appears before activation ends
-            handle = _wait(action.send_goal_async(goal), timeout)
-            if handle.accepted or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if not handle.accepted:
-            raise RuntimeError('the node rejects goals')
-        _wait(handle.get_result_async(), timeout)  # warm-up
-        tpot = {0: [], 60000: []}
-        counts = []
-        for _ in range(reps):
-            for interval in (0, 60000):
-                _set_interval(client, interval, timeout)
-                received = []
-                handle = _goal(client, action, goal, timeout, received.append)
-                result = _wait(handle.get_result_async(), timeout).result
-                if not result.success or result.completion_tokens < 2:
-                    raise RuntimeError(f'goal failed: {result.error or "too short"}')
-                tpot[interval].append(result.decode_ms / (result.completion_tokens - 1))
-                if interval == 0:
-                    counts.append(len(received))
-        out['tpot_feedback_ms'] = common.summarize(tpot[0])
-        out['tpot_no_feedback_ms'] = common.summarize(tpot[60000])
-        out['feedback_cost_fraction'] = (out['tpot_feedback_ms']['median']
-                                         / out['tpot_no_feedback_ms']['median'] - 1.0)
-        out['feedback_messages'] = common.summarize(counts)
-        _set_interval(client, 0, timeout)
-        latencies, steps = [], []
-        long_goal = Generate.Goal(images=[image], prompt=common.PROMPT,
-                                  max_new_tokens=max(new_tokens, 4 * CANCEL_AFTER))
-        for _ in range(reps):
-            seen = []
-            handle = _goal(client, action, long_goal, timeout, _counter(seen))
-            while not seen or seen[-1] < CANCEL_AFTER:
-                time.sleep(0.0002)
-            sent = time.perf_counter()
-            handle.cancel_goal_async()
-            response = _wait(handle.get_result_async(), timeout)
-            latencies.append((time.perf_counter() - sent) * 1000.0)
-            r = response.result
-            if r.completion_tokens > 1:
-                steps.append(r.decode_ms / (r.completion_tokens - 1))
-        out['cancel_latency_ms'] = common.summarize(latencies)
-        out['cancel_tpot_ms'] = common.summarize(steps) if steps else None
+        with _node(client, model_dir, node_args, threads, new_tokens, log_path, timeout) as goal:
+            out.update(_feedback_cost(client, goal, reps, timeout))
+            out.update(_cancel_latency(client, goal, reps, new_tokens, timeout))
+        if threads > 1:
+            # The same with one core left to the transport and the caller: on a machine whose
+            # every core decodes, each feedback's DDS work delays a decode thread.
+            spare_log = log_path.replace('.log', '-spare.log')
+            with _node(client, model_dir, node_args, threads - 1, new_tokens, spare_log,
+                       timeout) as goal:
+                out['spare_core'] = {'threads': threads - 1,
+                                     **_feedback_cost(client, goal, reps, timeout)}
     except Exception as exc:  # noqa: B902 -- reported in the results, the run goes on
         out['status'] = 'error'
         out['error'] = f'{type(exc).__name__}: {exc}'
     finally:
         if client is not None:
             client.close()
+    return out
+
+
+@contextlib.contextmanager
+def _node(client, model_dir, node_args, threads, new_tokens, log_path, timeout):
+    """Run the node with ``threads``; yield ``(ActionClient, goal image)`` once it takes goals."""
+    from rclpy.action import ActionClient
+    from vlm_ros_bench.ros_overhead import _messages, running_node
+    from vlm_ros_interfaces.action import Generate
+
+    args = ['-p', f'model_dir:={model_dir}', '-p', f'n_threads:={threads}',
+            '-p', f'max_new_tokens:={new_tokens}', '-p', 'feed_type:=1',
+            '-p', 'do_image_splitting:=false', *node_args]
+    with running_node(NODE_NAME, args, log_path):
+        action = ActionClient(client.node, Generate, f'/{NODE_NAME}/generate')
+        try:
+            if not action.wait_for_server(timeout_sec=60.0):
+                raise TimeoutError(f'/{NODE_NAME}/generate did not appear within 60 s')
+            image = _messages('rgb8', 512, 512)[0]['image']
+            goal = Generate.Goal(images=[image], prompt=common.PROMPT,
+                                 max_new_tokens=new_tokens)
+            deadline = time.monotonic() + 120
+            while True:  # autostart: the server appears before activation ends
+                handle = client.wait(action.send_goal_async(goal), timeout)
+                if handle.accepted or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            if not handle.accepted:
+                raise RuntimeError('the node rejects goals')
+            client.wait(handle.get_result_async(), timeout)  # warm-up
+            yield action, goal
+        finally:
+            action.destroy()
+
+
+def _feedback_cost(client, node_goal, reps, timeout):
+    """Decode time per token with feedback every delta and held back, alternating."""
+    action, goal = node_goal
+    tpot = {0: [], 60000: []}
+    counts = []
+    for _ in range(reps):
+        for interval in (0, 60000):
+            _set_interval(client, interval, timeout)
+            received = []
+            handle = _goal(client, action, goal, timeout, received.append)
+            result = client.wait(handle.get_result_async(), timeout).result
+            if not result.success or result.completion_tokens < 2:
+                raise RuntimeError(f'goal failed: {result.error or "too short"}')
+            tpot[interval].append(result.decode_ms / (result.completion_tokens - 1))
+            if interval == 0:
+                counts.append(len(received))
+    _set_interval(client, 0, timeout)
+    on, off = common.summarize(tpot[0]), common.summarize(tpot[60000])
+    return {'tpot_feedback_ms': on, 'tpot_no_feedback_ms': off,
+            'feedback_cost_fraction': on['median'] / off['median'] - 1.0,
+            'feedback_messages': common.summarize(counts)}
+
+
+def _cancel_latency(client, node_goal, reps, new_tokens, timeout):
+    """Cancel goals once their feedback reports CANCEL_AFTER tokens; time the results."""
+    from vlm_ros_interfaces.action import Generate
+
+    action, goal = node_goal
+    latencies, steps = [], []
+    long_goal = Generate.Goal(images=goal.images, prompt=goal.prompt,
+                              max_new_tokens=max(new_tokens, 4 * CANCEL_AFTER))
+    for _ in range(reps):
+        seen = []
+        handle = _goal(client, action, long_goal, timeout, _counter(seen))
+        client.spin_until(lambda seen=seen: seen and seen[-1] >= CANCEL_AFTER, timeout)
+        sent = time.perf_counter()
+        handle.cancel_goal_async()
+        response = client.wait(handle.get_result_async(), timeout)
+        latencies.append((time.perf_counter() - sent) * 1000.0)
+        r = response.result
+        if r.completion_tokens > 1:
+            steps.append(r.decode_ms / (r.completion_tokens - 1))
+    return {'cancel_latency_ms': common.summarize(latencies),
+            'cancel_tpot_ms': common.summarize(steps) if steps else None}
 
 
 def _measure_spec(spec):
@@ -196,7 +241,7 @@ def skipped(why, model=None, status='skipped'):
             'new_tokens': 0, 'cancel_after_tokens': CANCEL_AFTER, 'tpot_feedback_ms': None,
             'tpot_no_feedback_ms': None, 'feedback_cost_fraction': None,
             'cancel_latency_ms': None, 'cancel_tpot_ms': None, 'feedback_messages': None,
-            'method': ''}
+            'spare_core': None, 'method': ''}
 
 
 def main(argv=None):

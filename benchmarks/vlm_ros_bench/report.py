@@ -278,23 +278,34 @@ def _action_section(action):
     lines = ['## The ~/generate action', '']
     if not action or action['status'] != 'ok':
         return lines + [f'Not measured: {(action or {}).get("error", "not in this run")}', '']
-    cost = action['feedback_cost_fraction']
     step = action['cancel_tpot_ms']
+    spare = action.get('spare_core')
+    settings = [(action['threads'], action)] + ([(spare['threads'], spare)] if spare else [])
     lines += [f'{action["method"]}. Model: {action["model"]}; {action["repetitions"]} goals per '
               f'setting, {action["new_tokens"]} new tokens.', '',
-              '| measure | median (min-max) |', '| --- | ---: |',
-              '| decode ms/token, feedback every delta | '
-              f'{_cell(action["tpot_feedback_ms"], 2)} |',
-              '| decode ms/token, feedback held back | '
-              f'{_cell(action["tpot_no_feedback_ms"], 2)} |',
-              f'| feedback cost | {"–" if cost is None else f"{100 * cost:+.1f}%"} '
-              '(target <= 3%) |',
-              f'| feedback messages per goal | {_cell(action["feedback_messages"], 0)} |',
-              f'| cancel sent -> result received, ms (after {action["cancel_after_tokens"]} '
-              f'tokens) | {_cell(action["cancel_latency_ms"])} |',
-              f'| one decode step of those goals, ms | {_cell(step, 2)} (target: latency <= '
-              'one step + 20 ms) |', '']
+              '| measure | ' + ' | '.join(f'{t} decode threads' for t, _ in settings) + ' |',
+              '| --- |' + ' ---: |' * len(settings)]
+    rows = [('decode ms/token, feedback every delta', lambda a: _cell(a['tpot_feedback_ms'], 2)),
+            ('decode ms/token, feedback held back', lambda a: _cell(a['tpot_no_feedback_ms'], 2)),
+            ('feedback cost (target <= 3%)', lambda a: _signed_pct(a['feedback_cost_fraction'])),
+            ('feedback messages per goal', lambda a: _cell(a['feedback_messages'], 0))]
+    for name, cell in rows:
+        lines.append(f'| {name} | ' + ' | '.join(cell(a) for _, a in settings) + ' |')
+    lines += ['', f'Cancel ({action["threads"]} decode threads): cancel sent -> result received '
+              f'{_cell(action["cancel_latency_ms"])} ms after {action["cancel_after_tokens"]} '
+              f'tokens; one decode step of those goals {_cell(step, 2)} ms (target: latency '
+              '<= one step + 20 ms).', '']
+    if spare:
+        lines += [f'With {action["threads"]} decode threads every core decodes: the DDS work of '
+                  'each feedback message (the node\'s writer, the caller\'s reader) takes a '
+                  'core from a decode thread the others then wait for. A node that streams '
+                  f'feedback should leave a core to the transport ({spare["threads"]} here).',
+                  '']
     return lines
+
+
+def _signed_pct(fraction):
+    return '–' if fraction is None else f'{100 * fraction:+.1f}%'
 
 
 def _reuse_section(reuse):

@@ -243,13 +243,12 @@ def _measure_cases(out, reps, warmup, new_tokens, timeout):
             client.close()
 
 
-@contextlib.contextmanager
-def running_node(name, ros_args, log_path):
+def isolate_ros():
     """
-    Run the installed vlm_node as ``name`` with ``ros_args`` while the block runs.
+    Put this process on a DDS domain of its own with discovery limited to this host.
 
-    Its own process, on a DDS domain of this process's and discovery limited to this host
-    (the variable the distribution reads); its output goes to ``log_path``; SIGINT at the end.
+    Returns the environment for the node's process; an rclpy context of this process must be
+    made after this call to find the node.
     """
     env = dict(os.environ)
     env.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
@@ -258,6 +257,18 @@ def running_node(name, ros_args, log_path):
     else:
         env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     os.environ.update({k: v for k, v in env.items() if k.startswith('ROS_')})
+    return env
+
+
+@contextlib.contextmanager
+def running_node(name, ros_args, log_path):
+    """
+    Run the installed vlm_node as ``name`` with ``ros_args`` while the block runs.
+
+    Its own process, on a DDS domain of this process's and discovery limited to this host
+    (the variable the distribution reads); its output goes to ``log_path``; SIGINT at the end.
+    """
+    env = isolate_ros()
     cmd = [_node_executable(), '--ros-args', '-r', f'__node:={name}', *ros_args]
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

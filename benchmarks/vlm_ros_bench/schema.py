@@ -90,7 +90,11 @@ ACTION = {'status': str, 'error': opt(str), 'model': opt(str), 'threads': int,
           'repetitions': int, 'new_tokens': int, 'cancel_after_tokens': int,
           'tpot_feedback_ms': opt(STATS), 'tpot_no_feedback_ms': opt(STATS),
           'feedback_cost_fraction': opt(NUM), 'cancel_latency_ms': opt(STATS),
-          'cancel_tpot_ms': opt(STATS), 'feedback_messages': opt(STATS), 'method': str}
+          'cancel_tpot_ms': opt(STATS), 'feedback_messages': opt(STATS),
+          'spare_core': opt({'threads': int, 'tpot_feedback_ms': STATS,
+                             'tpot_no_feedback_ms': STATS, 'feedback_cost_fraction': NUM,
+                             'feedback_messages': STATS}),
+          'method': str}
 REUSE_TURN = {'turn': int, 'prompt_tokens': int, 'prefilled_tokens': STATS, 'ttft_ms': STATS}
 REUSE = {'model': str, 'path': str, 'status': str, 'error': opt(str), 'repetitions': int,
          'first_ttft_ms': opt(STATS), 'follow_up_ttft_ms': opt(STATS),

@@ -139,6 +139,20 @@ def test_feedback_streams_the_answer_about_two_images(node, pipe):
     assert elapsed == sorted(elapsed)
 
 
+def test_throttled_feedback_still_carries_the_whole_text(node, pipe):
+    _, client = node('-p', 'feedback_min_interval_ms:=60000')
+    image = frame(3)
+    goal = Goal(client, Generate.Goal(images=[image_msg(image)], prompt=PROMPT))
+    status, result = goal.result()
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
+    assert result.text == pipe.generate([image], PROMPT).text and result.completion_tokens > 4
+    # Phase changes go out at once; the text is held back, then flushed before the result.
+    assert goal.text() == result.text
+    assert [f.phase for f in goal.feedback][:5] == [
+        'queued', 'preprocess', 'vision', 'prefill', 'decode']
+    assert len([f for f in goal.feedback if f.text_delta]) <= 2 and len(goal.feedback) <= 7
+
+
 def test_history_and_compressed_images(node, pipe):
     import cv2
     _, client = node()
