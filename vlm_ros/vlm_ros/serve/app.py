@@ -22,6 +22,7 @@ from typing import Optional
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -165,7 +166,7 @@ def _event_error(kind, value) -> ApiError:
 async def chat_completions(request):
     """``POST /v1/chat/completions``."""
     state: ServeState = request.app.state.vlm
-    arrived = time.perf_counter()
+    arrived = request.scope.get(ARRIVED, time.perf_counter())
     try:
         state.authorize(request)
         body = await read_json(request, state.config.max_body_bytes)
@@ -229,6 +230,7 @@ class _AnswerStream:
         while True:
             if kind == TEXT:
                 yield self._data(self.chunks.text(value))
+                self.job.first_sent.set()  # the chunk is with the transport: decode on
             elif kind == DONE and value.finish_reason != FINISH_CANCELLED:
                 self.state.metrics.observe(self.job, value, self.arrived)
                 yield self._data(self.chunks.finish(value, self.job))
@@ -329,6 +331,21 @@ async def _server_error(request, exc):
                                    'internal_error'))
 
 
+ARRIVED = 'vlm_serve.arrived'
+"""The scope key of a request's arrival time: the start of its time to first token."""
+
+
+class _StampArrival:
+    """ASGI middleware: note when uvicorn hands a request over, before routing."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        scope[ARRIVED] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
 def create_app(answerer, config: ServeConfig, scheduler: Scheduler) -> Starlette:
     """Return the ASGI app serving ``answerer`` through ``scheduler``."""
     state = ServeState(answerer, config, scheduler)
@@ -355,6 +372,6 @@ def create_app(answerer, config: ServeConfig, scheduler: Scheduler) -> Starlette
                 Route('/health', health, methods=['GET']),
                 Route('/metrics', metrics, methods=['GET'])],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
-        lifespan=lifespan)
+        middleware=[Middleware(_StampArrival)], lifespan=lifespan)
     app.state.vlm = state
     return app

@@ -21,6 +21,9 @@ from typing import Any, Callable, Optional, Tuple
 
 _LOG = logging.getLogger('vlm_ros.serve')
 
+FIRST_CHUNK_WAIT_S = 0.02
+"""How long the worker holds the next decode step while a stream's first chunk goes out."""
+
 TEXT = 'text'
 DONE = 'done'
 ERROR = 'error'
@@ -60,6 +63,7 @@ class Job:
         self.started_at: Optional[float] = None
         self.first_text_at: Optional[float] = None
         self.finished_at: Optional[float] = None
+        self.first_sent = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
 
@@ -69,10 +73,16 @@ class Job:
 
     def on_text(self, text: str):
         """Take a text delta from the engine (worker thread)."""
-        if self.first_text_at is None:
+        first = self.first_text_at is None
+        if first:
             self.first_text_at = time.perf_counter()
         if self.stream:
             self.deliver(TEXT, text)
+            if first:
+                # The decode threads take every core: let the event loop (and a client on
+                # this machine) send and read the first chunk before the next step starts,
+                # so time to first token is the engine's, not a wait for a free core.
+                self.first_sent.wait(FIRST_CHUNK_WAIT_S)
 
     async def next_event(self) -> Tuple[str, Any]:
         """Wait for the next (kind, value): TEXT deltas, then DONE, ERROR or CLOSED."""
