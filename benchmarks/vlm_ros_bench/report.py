@@ -283,7 +283,7 @@ def _action_section(action):
     settings = [(action['threads'], action)] + ([(spare['threads'], spare)] if spare else [])
     lines += [f'{action["method"]}. Model: {action["model"]}; {action["repetitions"]} goals per '
               f'setting, {action["new_tokens"]} new tokens.', '',
-              '| measure | ' + ' | '.join(f'{t} decode threads' for t, _ in settings) + ' |',
+              '| measure | ' + ' | '.join(f'n_threads {t}' for t, _ in settings) + ' |',
               '| --- |' + ' ---: |' * len(settings)]
     rows = [('decode ms/token, feedback every delta', lambda a: _cell(a['tpot_feedback_ms'], 2)),
             ('decode ms/token, feedback held back', lambda a: _cell(a['tpot_no_feedback_ms'], 2)),
@@ -291,12 +291,12 @@ def _action_section(action):
             ('feedback messages per goal', lambda a: _cell(a['feedback_messages'], 0))]
     for name, cell in rows:
         lines.append(f'| {name} | ' + ' | '.join(cell(a) for _, a in settings) + ' |')
-    lines += ['', f'Cancel ({action["threads"]} decode threads): cancel sent -> result received '
+    lines += ['', f'Cancel (n_threads {action["threads"]}): cancel sent -> result received '
               f'{_cell(action["cancel_latency_ms"])} ms after {action["cancel_after_tokens"]} '
               f'tokens; one decode step of those goals {_cell(step, 2)} ms (target: latency '
               '<= one step + 20 ms).', '']
     if spare:
-        lines += [f'With {action["threads"]} decode threads every core decodes: the DDS work of '
+        lines += [f'With n_threads {action["threads"]} every core decodes: the DDS work of '
                   'each feedback message (the node\'s writer, the caller\'s reader) takes a '
                   'core from a decode thread the others then wait for. A node that streams '
                   f'feedback should leave a core to the transport ({spare["threads"]} here).',
