@@ -127,6 +127,21 @@ def test_matches_transformers(tiny, kind):
         assert f'<row_2_col_4>{"<image>" * tiny.family.image_seq_len}' in ours.prompt_text
 
 
+@pytest.mark.parametrize('kind', ['square', 'wide', 'tall'])
+def test_threaded_resizing_matches_transformers(tiny, kind, monkeypatch):
+    """With every resize split across threads (orders learnt), inputs stay exact."""
+    from test_resize import wait_learnt
+    from vlm_ros.engine import resize
+    monkeypatch.setattr(resize, 'MIN_PIXELS', 0)
+    monkeypatch.setattr(resize, '_workers', lambda: 2)
+    monkeypatch.setattr(resize, '_orders', type(resize._orders)())
+    image = make_image(kind)
+    tiny.family.prepare(image, PROMPT)
+    wait_learnt(resize)
+    assert resize._orders and resize.PILLOW_ONLY not in resize._orders.values()
+    assert_same_inputs(tiny.family.prepare(image, PROMPT), tiny.reference(image), kind)
+
+
 @pytest.mark.parametrize('kind', ['gray', 'rgba'])
 def test_array_inputs_match_pil(tiny, kind):
     """A grey or RGBA numpy array gives the same request as the PIL image it came from."""

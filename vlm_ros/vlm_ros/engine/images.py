@@ -32,7 +32,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlm_ros.engine import cpu_pool
 from vlm_ros.engine.errors import ImageError
+from vlm_ros.engine.resize import resize as resize_on_cores
 
 MAX_SIDE = 32768
 MAX_PIXELS = 100_000_000
@@ -230,13 +232,13 @@ def resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndar
     Resize an RGB uint8 (H, W, 3) array to ``height`` x ``width`` with Pillow.
 
     ``resample`` is the PIL filter number transformers stores (1 = LANCZOS, 3 = BICUBIC ...);
-    Pillow is what transformers' PIL image processors resize with, so results are identical.
+    Pillow is what transformers' PIL image processors resize with, so results are identical
+    (large images are resized on every core, with the same bytes: see ``resize``).
     """
     if image.shape[:2] == (height, width):
         # Pillow returns an unfiltered copy for a same-size resize; skip the round trip.
         return image
-    resized = Image.fromarray(image).resize((int(width), int(height)), resample=int(resample))
-    return np.asarray(resized, dtype=np.uint8)
+    return resize_on_cores(image, int(height), int(width), int(resample))
 
 
 def normalize_tables(rescale_factor: float, mean: Sequence[float], std: Sequence[float],
@@ -257,6 +259,14 @@ def normalize_tables(rescale_factor: float, mean: Sequence[float], std: Sequence
         if do_normalize:
             tables[c] = (values - np.float32(mean[c])) / np.float32(std[c])
     return tables
+
+
+def apply_tables_to_frames(frames, tables: np.ndarray, out: np.ndarray):
+    """``apply_tables`` for each frame into ``out[i, :, :h, :w]``, frames spread over cores."""
+    def one(i):
+        h, w = frames[i].shape[:2]
+        apply_tables(frames[i], tables, out=out[i, :, :h, :w])
+    cpu_pool.run_all(one, range(len(frames)))
 
 
 def apply_tables(image: np.ndarray, tables: np.ndarray, out: np.ndarray = None) -> np.ndarray:

@@ -325,10 +325,9 @@ class Idefics3Family(TemplatedFamily):
         max_w = max(f.shape[1] for f in frames)
         pixels = np.zeros((1, len(frames), 3, max_h, max_w), dtype=np.float32)
         mask = np.zeros((1, len(frames), max_h, max_w), dtype=bool)
+        images.apply_tables_to_frames(frames, self._tables, pixels[0])
         for i, frame in enumerate(frames):
-            h, w = frame.shape[:2]
-            images.apply_tables(frame, self._tables, out=pixels[0, i, :, :h, :w])
-            mask[0, i, :h, :w] = True
+            mask[0, i, :frame.shape[0], :frame.shape[1]] = True
         return {'pixel_values': pixels, 'pixel_attention_mask': mask}, plan
 
     # Text side.

@@ -331,8 +331,7 @@ class InternVLFamily(TemplatedFamily):
         if plan.thumbnail:
             frames.append(images.resize(rgb, tile, tile, resample))
         pixels = np.empty((len(frames), 3, tile, tile), dtype=np.float32)
-        for i, frame in enumerate(frames):
-            images.apply_tables(np.ascontiguousarray(frame), self._tables, out=pixels[i])
+        images.apply_tables_to_frames(frames, self._tables, pixels)
         return {'pixel_values': pixels}, plan
 
     # Text side.
