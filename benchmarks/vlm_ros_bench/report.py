@@ -297,7 +297,7 @@ def _action_section(action):
               '<= one step + 20 ms).', '']
     if spare:
         lines += [f'With n_threads {action["threads"]} every core decodes: the DDS work of '
-                  'each feedback message (the node\'s writer, the caller\'s reader) takes a '
+                  "each feedback message (the node's writer, the caller's reader) takes a "
                   'core from a decode thread the others then wait for. A node that streams '
                   f'feedback should leave a core to the transport ({spare["threads"]} here).',
                   '']

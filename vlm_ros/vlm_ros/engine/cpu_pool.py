@@ -15,7 +15,7 @@ _pool = None
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """Return how many cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -23,7 +23,7 @@ def cores() -> int:
 
 
 def pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The shared pool (created on first use)."""
+    """Return the shared pool, created on first use."""
     global _pool
     with _lock:
         if _pool is None:
