@@ -219,6 +219,7 @@ def markdown(doc):
                          f'{o["overhead_ms_per_token"]:+.2f} '
                          f'({100 * o["overhead_fraction"]:+.0f}%) |')
         lines.append('')
+    lines += _paired_section(doc.get('overhead_paired'))
     ros = doc['ros_overhead']
     lines += ['## ROS overhead', '']
     if ros['status'] != 'ok':
@@ -271,6 +272,30 @@ def markdown(doc):
     elif art['chart_skipped']:
         lines += [f'Chart skipped: {art["chart_skipped"]}', '']
     return '\n'.join(lines)
+
+
+def _paired_section(paired):
+    """Return the markdown of the paired per-token overhead over raw llama.cpp."""
+    if paired is None:
+        return []
+    lines = ['## Per-token overhead over raw llama.cpp, in pairs', '']
+    if paired['status'] != 'ok':
+        return lines + [f'Not measured: {paired["error"]}', '']
+    lines += [f'{paired["method"]}. Model: {paired["model"]}; {paired["repetitions"]} pairs '
+              f'per row, {paired["new_tokens"]} new tokens, {paired["threads"]} threads.', '',
+              '| GGUF | split | ours ms/token | raw ms/token | overhead: median (quartiles; '
+              'min-max) |', '| --- | --- | ---: | ---: | ---: |']
+    for c in paired['cases']:
+        split = 'on' if c['split'] else 'off'
+        if c['status'] != 'ok':
+            lines.append(f'| {c["gguf_type"]} | {split} | – | – | {c["error"]} |')
+            continue
+        o = c['overhead_fraction']
+        lines.append(f'| {c["gguf_type"]} | {split} | {_cell(c["pipeline_tpot_ms"], 2)} | '
+                     f'{_cell(c["raw_tpot_ms"], 2)} | {100 * o["median"]:+.1f}% '
+                     f'({100 * o["q1"]:+.1f}% to {100 * o["q3"]:+.1f}%; '
+                     f'{100 * o["min"]:+.1f}% to {100 * o["max"]:+.1f}%) |')
+    return lines + ['', 'Target: at most +3% (Q8_0 and Q4_0, splitting on and off).', '']
 
 
 def _action_section(action):

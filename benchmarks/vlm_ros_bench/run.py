@@ -17,8 +17,8 @@ import sys
 import tempfile
 import time
 
-from vlm_ros_bench import (action_stream, common, hardware, models, paths, report, schema,
-                           SCHEMA_VERSION)
+from vlm_ros_bench import (action_stream, common, hardware, models, overhead, paths, report,
+                           schema, SCHEMA_VERSION)
 
 DEFAULT_MODELS = ('smolvlm2-256m', 'smolvlm2-500m')
 
@@ -57,6 +57,10 @@ def add_arguments(parser):
                         help='skip the ~/generate action (feedback cost, cancel latency)')
     parser.add_argument('--action-reps', type=int, default=None,
                         help='goals per setting for the action measurement (10)')
+    parser.add_argument('--no-overhead', action='store_true',
+                        help='skip the paired per-token overhead over raw llama.cpp')
+    parser.add_argument('--overhead-reps', type=int, default=None,
+                        help='pairs per GGUF type and split for the paired overhead (20)')
     parser.add_argument('--no-reuse', action='store_true',
                         help='skip the reuse measurement (feature and prefix caches)')
     parser.add_argument('--reuse-reps', type=int, default=None,
@@ -221,6 +225,17 @@ def _action(settings, args, manifests, workdir):
                                           workdir)
 
 
+def _paired_overhead(settings, args, manifests, workdir):
+    """Our per-token cost over raw llama.cpp, in pairs, on the first model's GGUFs."""
+    if args.no_overhead:
+        return overhead.skipped('skipped (--no-overhead)')
+    manifest = manifests[0]
+    reps = args.overhead_reps or (2 if args.tiny else 20)
+    _log(f'paired overhead: {manifest["name"]}, {reps} pairs per GGUF type and split')
+    return overhead.measure_in_child(manifest, settings, _prompt_lengths(manifest, settings),
+                                     reps, workdir)
+
+
 REUSE_PATHS = ('onnx-int8', 'onnx-int8-vision+llamacpp-q8_0')
 
 
@@ -282,6 +297,7 @@ def rerender(argv):
         with open(path, encoding='utf-8') as f:
             doc = json.load(f)
         stem = os.path.abspath(path)[:-len('.json')]
+        doc.setdefault('overhead_paired', None)  # results from before the section existed
         doc['artifacts'].update(json=stem + '.json', markdown=stem + '.md')
         _write(doc)
     return 0
@@ -306,6 +322,7 @@ def run(args, argv):
     runs = []
     for manifest in manifests:
         runs += _measure_model(manifest, settings, args, hw, workdir)
+    paired = _paired_overhead(settings, args, manifests, workdir)
     ros = _ros(settings, args, workdir)
     action = _action(settings, args, manifests, workdir)
     reuse = _reuse(settings, args, manifests, workdir)
@@ -323,6 +340,7 @@ def run(args, argv):
         'models': manifests,
         'runs': runs,
         'decode_overhead': report.decode_overhead(runs),
+        'overhead_paired': paired,
         'ros_overhead': ros,
         'action': action,
         'reuse': reuse,

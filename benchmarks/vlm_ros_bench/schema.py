@@ -95,6 +95,11 @@ ACTION = {'status': str, 'error': opt(str), 'model': opt(str), 'threads': int,
                              'tpot_no_feedback_ms': STATS, 'feedback_cost_fraction': NUM,
                              'feedback_messages': STATS}),
           'method': str}
+PAIRED_CASE = {'gguf_type': str, 'split': bool, 'status': str, 'error': opt(str),
+               'pipeline_tpot_ms': opt(STATS), 'raw_tpot_ms': opt(STATS),
+               'overhead_fraction': opt(STATS)}
+PAIRED = {'status': str, 'error': opt(str), 'model': opt(str), 'threads': int,
+          'repetitions': int, 'new_tokens': int, 'cases': ListOf(PAIRED_CASE), 'method': str}
 REUSE_TURN = {'turn': int, 'prompt_tokens': int, 'prefilled_tokens': STATS, 'ttft_ms': STATS}
 REUSE = {'model': str, 'path': str, 'status': str, 'error': opt(str), 'repetitions': int,
          'first_ttft_ms': opt(STATS), 'follow_up_ttft_ms': opt(STATS),
@@ -111,7 +116,8 @@ DOCUMENT = {
                  'group_splits': bool, 'paths': ListOf(str), 'models': ListOf(str),
                  'ignore_eos': bool},
     'machine': MACHINE, 'hardware': HARDWARE, 'models': ListOf(MODEL), 'runs': ListOf(RUN),
-    'decode_overhead': ListOf(OVERHEAD), 'ros_overhead': ROS, 'action': ACTION,
+    'decode_overhead': ListOf(OVERHEAD), 'overhead_paired': opt(PAIRED),
+    'ros_overhead': ROS, 'action': ACTION,
     'reuse': ListOf(REUSE),
     'artifacts': {'json': str, 'markdown': str, 'chart': opt(str), 'chart_skipped': opt(str)},
 }

@@ -121,6 +121,22 @@ def test_overheads_are_reported(tiny_results):
         assert case['overhead_ms'] and case['round_trip_ms']['median'] > 0, case
 
 
+def test_paired_overhead_measured(tiny_results):
+    out, doc, _ = tiny_results
+    paired = doc['overhead_paired']
+    assert paired['status'] == 'ok', paired['error']
+    assert {(c['gguf_type'], c['split']) for c in paired['cases']} == {
+        (t, s) for t in ('q8_0', 'q4_0') for s in (False, True)}
+    for case in paired['cases']:
+        assert case['status'] == 'ok', case['error']
+        ours, raw = case['pipeline_tpot_ms'], case['raw_tpot_ms']
+        assert ours['n'] == raw['n'] == case['overhead_fraction']['n'] == 2
+        # Each pair's overhead is its own ratio, not one of medians.
+        assert case['overhead_fraction']['values'] == pytest.approx(
+            [o / r - 1 for o, r in zip(ours['values'], raw['values'], strict=True)])
+    assert 'in pairs' in (out / 'tiny.md').read_text()
+
+
 def test_markdown_and_chart(tiny_results):
     out, doc, stderr = tiny_results
     text = (out / 'tiny.md').read_text()
