@@ -43,7 +43,7 @@ def resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndar
     workers = _workers()
     order = None
     if workers > 1 and max(h * w, height * width) >= MIN_PIXELS and image.ndim == 3:
-        order = _order((h, w, height, width, resample), image.shape[2], workers)
+        order = _order((h, w, height, width, resample), image.shape[2])
     if order in (None, PILLOW_ONLY):
         return _pillow(image, height, width, resample)
     return _two_passes(image, height, width, resample, order == VERTICAL_FIRST, workers)
@@ -67,7 +67,7 @@ def _bands(image, height, width, resample, workers, axis):
     """
     One pass: resize bands of rows (axis 0, width changes) or of columns (axis 1).
 
-    The bands run on the shared pool; one band runs on the calling thread.
+    The bands run on the shared pool; a single band runs on the calling thread.
     """
     size = image.shape[axis]
     edges = [round(i * size / workers) for i in range(workers + 1)]
@@ -86,7 +86,7 @@ def _bands(image, height, width, resample, workers, axis):
     return out
 
 
-def _order(geometry, channels, workers):
+def _order(geometry, channels):
     """Return the learnt order of ``geometry``; start learning it when it is new."""
     with _lock:
         if geometry in _orders:
