@@ -36,12 +36,40 @@ def build_parser():
     p.add_argument('--stop', action='append', default=[], help='stop string (repeatable)')
     p.add_argument('--stream', action='store_true', help='print text as it is generated')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
+    p.add_argument('--detect', action='append', default=[], metavar='LABEL',
+                   help="locate LABEL (repeatable) with the model family's grounding "
+                        'question instead of asking --prompt; prints one box per line')
+    p.add_argument('--annotate', metavar='PATH',
+                   help='write the first image with the boxes of the answer drawn to PATH')
     return p
+
+
+def _detect(pipe, args, kwargs):
+    """Ask the family's grounding question per label; return the merged Result."""
+    from vlm_ros.engine import grounding
+
+    template = pipe.family.info.grounding_prompt
+    if not template:
+        raise VlmError(f'{pipe.family.info.display_name} was not trained to locate objects')
+    return grounding.detect(pipe, args.images, grounding.prompts(template, args.detect),
+                            args.system, **kwargs)
+
+
+def _write_annotated(path, image_path, boxes):
+    """Write ``image_path`` with ``boxes`` drawn to ``path``."""
+    from PIL import Image
+
+    from vlm_ros.engine import annotate, images
+
+    Image.fromarray(annotate.draw_boxes(images.to_rgb(image_path), boxes)).save(path)
 
 
 def main(argv=None):
     """Run one request; exit 1 with the error on stderr when it fails."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.detect or args.annotate) and not args.images:
+        parser.error('--detect and --annotate need an image')
     from vlm_ros.engine.loader import pipeline
     try:
         pipe = pipeline(args.model_dir, vision_model=args.vision_model,
@@ -49,14 +77,27 @@ def main(argv=None):
                         n_threads=args.threads,
                         image_options=ImageOptions(args.split, args.max_tiles))
         on_text = (lambda s: print(s, end='', flush=True)) if args.stream else None
-        result = pipe.generate(
-            args.images, args.prompt, args.system, on_text=on_text,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-            seed=args.seed, num_beams=args.beams, stop=tuple(args.stop))
+        kwargs = {'on_text': on_text, 'max_new_tokens': args.max_new_tokens,
+                  'temperature': args.temperature, 'top_k': args.top_k, 'top_p': args.top_p,
+                  'repetition_penalty': args.repetition_penalty, 'seed': args.seed,
+                  'num_beams': args.beams, 'stop': tuple(args.stop)}
+        if args.detect:
+            result = _detect(pipe, args, kwargs)
+        else:
+            result = pipe.generate(args.images, args.prompt, args.system, **kwargs)
+        if args.annotate:
+            _write_annotated(args.annotate, args.images[0], result.detections)
     except VlmError as exc:
         print(f'vlm_ask: {exc}', file=sys.stderr)
         return 1
+    if args.detect and not args.json:
+        if args.stream:
+            print()
+        for b in result.detections:
+            print(f'{b.label}: x1 {b.x1:.0f} y1 {b.y1:.0f} x2 {b.x2:.0f} y2 {b.y2:.0f}')
+        if not result.detections:
+            print('nothing found')
+        return 0
     if args.json:
         t = result.timings
         print(json.dumps({
@@ -65,7 +106,9 @@ def main(argv=None):
             'completion_tokens': result.completion_tokens, 'token_ids': result.token_ids,
             'timings_ms': {'preprocess': t.preprocess_ms, 'vision': t.vision_ms,
                            'prefill': t.prefill_ms, 'decode': t.decode_ms,
-                           'total': t.total_ms}}))
+                           'total': t.total_ms},
+            'detections': [{'label': b.label, 'score': b.score, 'box': [b.x1, b.y1, b.x2, b.y2]}
+                           for b in result.detections]}))
     elif args.stream:
         print()
     else:

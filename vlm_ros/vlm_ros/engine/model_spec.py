@@ -80,10 +80,11 @@ class ModelSpec:
 
 
 def _path(base, value) -> pathlib.Path:
+    # Absolute, so that files found relative to the folder are not joined to it twice.
     path = pathlib.Path(os.path.expanduser(os.fspath(value)))
     if not path.is_absolute() and base is not None:
         path = pathlib.Path(base) / path
-    return path
+    return path.absolute()
 
 
 def resolve(model_dir=None, *, vision_model=None, decoder_model=None, embed_model=None,

@@ -13,10 +13,9 @@ import re
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-from PIL import Image as PILImage, ImageDraw
 from sensor_msgs.msg import Image
 
-from vlm_ros.engine import images
+from vlm_ros.engine import annotate, images
 from vlm_ros.engine.datatypes import Box, FINISH_ERROR, GENERATION_LIMITS, Result
 from vlm_ros.engine.errors import ImageError, VlmError
 from vlm_ros_interfaces.msg import Detection2D, Detection2DArray
@@ -176,14 +175,7 @@ def detections_msg(boxes: Sequence[Box], header=None) -> Detection2DArray:
 
 def annotated_image(rgb: np.ndarray, boxes: Sequence[Box], header=None) -> Image:
     """Return ``rgb`` with each box and its label drawn, as an rgb8 ``sensor_msgs/Image``."""
-    picture = PILImage.fromarray(rgb)
-    draw = ImageDraw.Draw(picture)
-    width = max(1, round(max(rgb.shape[:2]) / 200))
-    for b in boxes:
-        draw.rectangle((b.x1, b.y1, b.x2, b.y2), outline=(255, 0, 255), width=width)
-        if b.label:
-            draw.text((b.x1 + width + 1, b.y1 + width + 1), b.label, fill=(255, 0, 255))
-    data = np.asarray(picture, dtype=np.uint8)
+    data = annotate.draw_boxes(rgb, boxes)
     msg = Image(height=data.shape[0], width=data.shape[1], encoding='rgb8', is_bigendian=0,
                 step=data.shape[1] * 3, data=data.tobytes())
     if header is not None:
