@@ -66,6 +66,12 @@ class Goal:
 
     def result(self, timeout=60.0):
         response = _wait(self.result_future, timeout)
+        # Feedback and result travel on different channels, and rclpy's ActionClient runs
+        # the result callback before feedback taken in the same wake-up: the last deltas
+        # may still be on their way when the result is here.
+        deadline = time.monotonic() + 5.0
+        while self.text() != response.result.text and time.monotonic() < deadline:
+            time.sleep(0.01)
         return response.status, response.result
 
     def cancel(self, timeout=10.0):
