@@ -447,3 +447,22 @@ def test_mtmd_errors(model, mtmd_encoder):
     other = 'b' if variant == 'a' else 'a'
     with pytest.raises(ModelMismatchError, match='n_embd'):
         MtmdImageEncoder(cached_mmproj(other), decoder)
+
+
+def test_a_short_prompt_after_beams_leaves_no_stale_sequence_ids():
+    """
+    The token batch is reused: every entry's sequence id must be rewritten when it changes.
+
+    A beam step fills entries 0..2 with beam sequences; a 1-token prompt then used entry 0
+    only; a longer prompt after it once went partly into the beams' sequences.
+    """
+    path = cached_gguf('a', 'q8_0')
+    decoder = LlamaCppDecoder(path, max_beams=3, **EXACT)
+    session, logits = decoder.start([5, 6, 7, 8])
+    session.select(np.array([0, 0, 0]))
+    session.step(np.array([9, 10, 11]))
+    decoder.start([12])
+    prompt = list(range(20, 60))
+    _, after = decoder.start(prompt)
+    _, fresh = LlamaCppDecoder(path, max_beams=3, **EXACT).start(prompt)
+    np.testing.assert_array_equal(after, fresh)

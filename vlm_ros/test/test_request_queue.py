@@ -51,7 +51,7 @@ def test_on_done_is_called_once_from_the_worker(queue):
     queue.submit(Job(lambda job: 42, on_done=on_done))
     assert event.wait(5)
     time.sleep(0.05)
-    assert done == [(42, 'vlm_worker')]
+    assert done == [(42, 'vlm_worker_0')]
 
 
 def test_errors_reach_the_caller_and_the_worker_goes_on(queue):
@@ -99,4 +99,22 @@ def test_worker_busy_and_shutdown():
     time.sleep(0.05)
     assert not q.worker_busy()
     q.shutdown(grace_s=1.0)
-    assert not q._thread.is_alive()
+    assert not any(thread.is_alive() for thread in q._threads)
+
+
+def test_concurrency_runs_that_many_jobs_at_once_within_the_capacity():
+    q = RequestQueue(3)
+    q.set_concurrency(2)
+    q.start()
+    gate, log = threading.Event(), []
+    jobs = [q.submit(_blocking_job(gate, log, name)) for name in 'abc']
+    deadline = time.monotonic() + 5
+    while len(log) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert sorted(log) == ['start a', 'start b']  # the third waits for a worker
+    with pytest.raises(Busy):
+        q.submit(Job(lambda job: None))  # two running + one waiting = capacity
+    gate.set()
+    assert all(job.wait(5) for job in jobs) and [job.result for job in jobs] == list('abc')
+    q.shutdown(grace_s=1.0)

@@ -36,6 +36,9 @@ class DecoderSession:
         """Make row i of the state a copy of old row ``rows[i]``."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Give the request's decoder state back (a runtime that keeps none does nothing)."""
+
 
 @dataclass
 class Generated:

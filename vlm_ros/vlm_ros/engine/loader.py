@@ -17,7 +17,8 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
           providers: Optional[Sequence[str]] = None, kv_type: str = 'f16',
           max_beams: int = 4, defaults: Optional[GenerationConfig] = None,
           image_options: Optional[ImageOptions] = None, feature_cache_mb: float = 64,
-          kv_cache_slots: int = 2, n_gpu_layers: int = 0) -> Answerer:
+          kv_cache_slots: int = 2, n_gpu_layers: int = 0,
+          max_concurrent: int = 1) -> Answerer:
     """
     Create what answers for ``spec``: a ``Pipeline`` over its runtimes, or a ``RemoteClient``.
 
@@ -30,7 +31,8 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
     ``n_gpu_layers`` offloads llama.cpp layers (and its projector) to a GPU build's device
     (-1: all); ``providers`` orders ONNX Runtime's execution providers (e.g.
     ``['CUDAExecutionProvider', 'CPUExecutionProvider']``; unavailable ones are skipped with
-    a warning).
+    a warning). ``max_concurrent`` requests decode together on a llama.cpp decoder
+    (continuous batching; an ONNX decoder answers one at a time whatever it says).
     """
     defaults = defaults or GenerationConfig()
     if spec.is_remote:
@@ -50,7 +52,7 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
         from vlm_ros.engine.runtimes.mtmd import MtmdImageEncoder, MtmdVision
         decoder = LlamaCppDecoder(spec.decoder, n_threads, n_ctx, max_beams=max_beams,
                                   kv_type=kv_type, kv_cache_slots=kv_cache_slots,
-                                  n_gpu_layers=n_gpu_layers)
+                                  n_gpu_layers=n_gpu_layers, max_concurrent=max_concurrent)
         family = GgufChatFamily(spec.decoder, decoder, family_class.info)
         vision = MtmdVision(MtmdImageEncoder(spec.vision, decoder, n_threads))
         return Pipeline(family, vision, decoder, defaults, image_options, feature_cache_mb)
@@ -64,7 +66,8 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
         decoder = LlamaCppDecoder(spec.decoder, n_threads, n_ctx,
                                   expected_hidden_size=family.text_hidden_size,
                                   max_beams=max_beams, kv_type=kv_type,
-                                  kv_cache_slots=kv_cache_slots, n_gpu_layers=n_gpu_layers)
+                                  kv_cache_slots=kv_cache_slots, n_gpu_layers=n_gpu_layers,
+                                  max_concurrent=max_concurrent)
     else:
         text = text_config(load_json(spec.model_dir, 'config.json'))
         decoder = OnnxDecoder(spec.embed, spec.decoder, options,
@@ -79,7 +82,7 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
 def pipeline(model_dir=None, *, vision_model=None, decoder_model=None, embed_model=None,
              variant='fp32', model_type=None, n_threads=0, n_ctx=0, providers=None,
              kv_type='f16', max_beams=4, image_options=None, feature_cache_mb=64,
-             kv_cache_slots=2, n_gpu_layers=0, **generation):
+             kv_cache_slots=2, n_gpu_layers=0, max_concurrent=1, **generation):
     """
     Load a model, ready to answer (``vlm_ros.pipeline``).
 
@@ -100,4 +103,5 @@ def pipeline(model_dir=None, *, vision_model=None, decoder_model=None, embed_mod
                  kv_type=kv_type, max_beams=max_beams,
                  defaults=GenerationConfig(**generation).validate(),
                  image_options=image_options, feature_cache_mb=feature_cache_mb,
-                 kv_cache_slots=kv_cache_slots, n_gpu_layers=n_gpu_layers)
+                 kv_cache_slots=kv_cache_slots, n_gpu_layers=n_gpu_layers,
+                 max_concurrent=max_concurrent)

@@ -34,7 +34,8 @@ class Pipeline(Answerer):
     A loaded model: family + vision stage + decoder.
 
     Sessions are created once and reused; each call is stateless. Calls from several
-    threads are served one at a time.
+    threads encode their images one at a time; they decode together up to the decoder's
+    ``max_concurrent`` (llama.cpp: continuous batching), the others wait their turn.
     """
 
     def __init__(self, family, vision, decoder, defaults: Optional[GenerationConfig] = None,
@@ -48,7 +49,9 @@ class Pipeline(Answerer):
         # encodes the prompt's images itself).
         self.feature_cache = FeatureCache(int(feature_cache_mb * 2**20)) if \
             feature_cache_mb > 0 and vision.encodes_per_image else None
-        self._lock = threading.Lock()
+        self._vision_lock = threading.Lock()
+        self.max_concurrent = getattr(decoder, 'max_concurrent', 1)
+        self._decoding = threading.BoundedSemaphore(self.max_concurrent)
 
     def generate(self, images=None, prompt='', system_prompt='', *, history=(),
                  on_text: Optional[Callable[[str], None]] = None,
@@ -58,10 +61,12 @@ class Pipeline(Answerer):
                  image_options: Optional[ImageOptions] = None, **overrides) -> Result:
         """Answer ``prompt`` about ``images``; see ``Answerer.generate``."""
         config = self.defaults.replace(**overrides).validate()
-        with self._lock:
-            return self._generate(images, prompt, system_prompt, history, config, on_text,
-                                  should_stop, on_phase or _ignore, on_token,
-                                  image_options or self.image_options)
+        args = (images, prompt, system_prompt, history, config, on_text, should_stop,
+                on_phase or _ignore, on_token, image_options or self.image_options)
+        if self.max_concurrent == 1:  # one request from preprocessing to the last token
+            with self._decoding:
+                return self._generate(*args)
+        return self._generate(*args)
 
     def _generate(self, images, prompt, system_prompt, history, config, on_text, should_stop,
                   on_phase, on_token, image_options):
@@ -81,7 +86,8 @@ class Pipeline(Answerer):
         encoded = any(f is None for f in known)
         if encoded:
             on_phase('vision')
-        request, features = self.vision.encode(request)
+        with self._vision_lock:
+            request, features = self.vision.encode(request)
         timings.vision_ms = _ms(t) if features is not None and encoded else 0.0
         if self.feature_cache is not None:
             for key, old, new in zip(keys, known, request.image_features, strict=True):
@@ -100,25 +106,18 @@ class Pipeline(Answerer):
                           prompt_tokens=prompt_len, image_tokens=request.num_image_tokens,
                           timings=timings, backend='local')
         on_phase('prefill')
-        t = time.perf_counter()
-        try:
-            session, logits = self.decoder.start(request.input_ids, features,
-                                                 request.image_token_id, should_stop)
-        except Cancelled:
-            timings.prefill_ms = _ms(t)
+        if self.max_concurrent == 1:
+            out, session = self._decode(request, features, config, budget, timings, on_phase,
+                                        on_text, should_stop, on_token)
+        else:
+            with self._decoding:
+                out, session = self._decode(request, features, config, budget, timings,
+                                            on_phase, on_text, should_stop, on_token)
+        if out is None:
             timings.total_ms = _ms(start)
             return Result(text='', finish_reason=FINISH_CANCELLED, prompt_tokens=prompt_len,
                           image_tokens=request.num_image_tokens, timings=timings,
                           backend='local')
-        timings.prefill_ms = _ms(t)
-
-        on_phase('decode')
-        t = time.perf_counter()
-        out = generate(session, logits, request.input_ids.tolist(), config,
-                       self.family.eos_token_ids, self.family.decode, budget,
-                       on_text=on_text, should_stop=should_stop, on_token=on_token)
-        timings.decode_ms = _ms(t)
-        self.decoder.keep(session, out.token_ids)
         result = Result(text=out.text, finish_reason=out.finish_reason,
                         token_ids=out.token_ids, prompt_tokens=prompt_len,
                         image_tokens=request.num_image_tokens, timings=timings,
@@ -132,6 +131,29 @@ class Pipeline(Answerer):
             result.detections, result.dropped_boxes = found.boxes, found.dropped
         timings.total_ms = _ms(start)
         return result
+
+    def _decode(self, request, features, config, budget, timings, on_phase, on_text,
+                should_stop, on_token):
+        """Prefill and answer; return (generated, session), or (None, None) if cancelled."""
+        t = time.perf_counter()
+        try:
+            session, logits = self.decoder.start(request.input_ids, features,
+                                                 request.image_token_id, should_stop)
+        except Cancelled:
+            timings.prefill_ms = _ms(t)
+            return None, None
+        try:
+            timings.prefill_ms = _ms(t)
+            on_phase('decode')
+            t = time.perf_counter()
+            out = generate(session, logits, request.input_ids.tolist(), config,
+                           self.family.eos_token_ids, self.family.decode, budget,
+                           on_text=on_text, should_stop=should_stop, on_token=on_token)
+            timings.decode_ms = _ms(t)
+            self.decoder.keep(session, out.token_ids)
+        finally:
+            session.close()
+        return out, session
 
     def _cached_features(self, rgbs, image_options):
         """Return (cache keys, features known per image or None) for the request's images."""

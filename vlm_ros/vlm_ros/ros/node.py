@@ -174,6 +174,7 @@ class VlmNode(Node):
                    'max_beams': max(4, cfg['num_beams']),
                    'feature_cache_mb': cfg['feature_cache_mb'],
                    'kv_cache_slots': cfg['kv_cache_slots'], 'n_gpu_layers': cfg['n_gpu_layers'],
+                   'max_concurrent': cfg['max_concurrent'],
                    'providers': list(cfg['onnx_providers'])}
         try:
             answerer = build(self.spec, **options)
@@ -190,6 +191,10 @@ class VlmNode(Node):
         else:
             detail = (f'{self.spec.decoder_runtime}, '
                       f'{self.cfg["n_threads"] or os.cpu_count()} threads')
+        concurrency = getattr(answerer, 'max_concurrent', 1)
+        if concurrency > 1:
+            detail += f', {concurrency} requests at once'
+        self.queue.set_concurrency(concurrency)
         self.get_logger().info(f'sessions created ({detail})')
         if self.spec.label:
             self.get_logger().warning(f'the loaded model is {self.spec.label}')

@@ -131,6 +131,10 @@ SPECS = (
          'questions (LRU, MiB); 0 = off.', bounds=(0, 65536)),
     Spec('kv_cache_slots', 2, 'Recent sequences whose KV cache is kept so a prompt sharing '
          'their prefix prefills only the rest; 0 = off.', bounds=(0, 64)),
+    Spec('max_concurrent', 1, 'Requests a llama.cpp decoder answers at once, their decode '
+         'steps batched (continuous batching); each has its own n_ctx of KV cache and keeps '
+         'its last prompt for reuse; beam search needs 1. ONNX decoders and servers: one at '
+         'a time.', bounds=(1, 64)),
     # Latency knobs for the image.
     Spec('do_image_splitting', False, 'Split large images into tiles plus a global view: '
          'more detail, one image_seq_len block of tokens per tile.'),
@@ -236,6 +240,8 @@ def read_all(node) -> Dict[str, Any]:
     """
     values = {s.name: node.get_parameter(s.name).value for s in SPECS}
     problems = [r for r in (SPEC_BY_NAME[k].check(v) for k, v in values.items()) if r]
+    if values['max_concurrent'] > 1 and values['num_beams'] > 1:
+        problems.append('num_beams > 1 needs max_concurrent 1 (beam search is not batched)')
     if problems:
         raise ValueError('; '.join(problems))
     return values

@@ -1,8 +1,9 @@
 """
-One worker thread answering requests in order, with a bounded waiting line.
+Worker threads answering requests in order, with a bounded waiting line.
 
-The model runs one request at a time (it uses every core); callers beyond the line's
-capacity are refused at once instead of piling up. Cancellation is cooperative: the engine
+The model runs one request at a time (it uses every core), or as many as its decoder batches
+(``set_concurrency``); callers beyond the line's capacity are refused at once instead of
+piling up. Cancellation is cooperative: the engine
 polls ``Job.should_stop`` between tokens. A job reports its end through ``on_done`` (topics,
 action) or ``wait`` (a blocking service callback).
 """
@@ -67,18 +68,30 @@ class Job:
 
 
 class RequestQueue:
-    """A single worker holding at most ``capacity`` jobs, the running one included."""
+    """Workers holding at most ``capacity`` jobs, the running ones included."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._open = False
-        self._running: Optional[Job] = None
+        self._running: set = set()
         self._reserved = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name='vlm_worker', daemon=True)
-        self._thread.start()
+        self._concurrency = 0
+        self._threads = []
+        self.set_concurrency(1)
+
+    def set_concurrency(self, n: int):
+        """Run up to ``n`` jobs at once (the decoder's ``max_concurrent``)."""
+        with self._cond:
+            self._concurrency = max(1, int(n))
+            while len(self._threads) < self._concurrency:
+                thread = threading.Thread(target=self._loop, daemon=True,
+                                          name=f'vlm_worker_{len(self._threads)}')
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify_all()
 
     def start(self):
         """Start taking work."""
@@ -88,7 +101,7 @@ class RequestQueue:
     def _check_room(self):
         if not self._open:
             raise Closed()
-        if len(self._pending) + (self._running is not None) + self._reserved >= self.capacity:
+        if len(self._pending) + len(self._running) + self._reserved >= self.capacity:
             raise Busy()
 
     def submit(self, job: Job, reserved: bool = False) -> Job:
@@ -137,27 +150,27 @@ class RequestQueue:
     def depth(self) -> int:
         """Jobs running, waiting or with a place held (the diagnostics' queue depth)."""
         with self._cond:
-            return len(self._pending) + (self._running is not None) + self._reserved
+            return len(self._pending) + len(self._running) + self._reserved
 
     def close(self, grace_s: float = 5.0):
         """
         Stop taking work and cancel what is queued or running.
 
-        Queued jobs end at once with ``Closed``; waits up to ``grace_s`` for the running job
-        to notice its cancellation; returns True if it ended.
+        Queued jobs end at once with ``Closed``; waits up to ``grace_s`` for the running jobs
+        to notice their cancellation; returns True if they ended.
         """
         with self._cond:
             self._open = False
             dropped = list(self._pending)
             self._pending.clear()
-            running = self._running
+            running = list(self._running)
         for job in dropped:
             job.cancelled.set()
             job.finish(error=Closed())
-        if running is not None:
-            running.cancelled.set()
-            return running.wait(grace_s)
-        return True
+        for job in running:
+            job.cancelled.set()
+        deadline = time.monotonic() + grace_s
+        return all(job.wait(max(0.0, deadline - time.monotonic())) for job in running)
 
     def shutdown(self, grace_s: float = 5.0):
         """Cancel everything and end the worker thread (node shutdown)."""
@@ -165,22 +178,25 @@ class RequestQueue:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(grace_s)
+        deadline = time.monotonic() + grace_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def worker_busy(self) -> bool:
-        """Whether the worker is inside a job."""
+        """Whether a worker is inside a job."""
         with self._cond:
-            return self._running is not None
+            return bool(self._running)
 
     def _loop(self):
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._stopping and (
+                        not self._pending or len(self._running) >= self._concurrency):
                     self._cond.wait()
                 if self._stopping:
                     return
                 job = self._pending.popleft()
-                self._running = job
+                self._running.add(job)
             result, error = None, None
             try:
                 result = job.run(job)
@@ -188,5 +204,6 @@ class RequestQueue:
                 error = exc
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.discard(job)
+                    self._cond.notify_all()
             job.finish(result, error)

@@ -9,10 +9,14 @@ embedding batches. Either way one sequence at consecutive positions, and only th
 position produces logits. Beam search uses extra sequences that share the prompt's KV cells
 (``llama_memory_seq_cp``), so it costs no copy of the cache; it needs ``max_beams`` at
 construction.
+
+With ``max_concurrent`` > 1 several requests share the context, each in a bank of sequence
+ids of its own, and their decode steps run together (``step_batcher``).
 """
 
 import collections
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -27,6 +31,7 @@ from vlm_ros.engine.errors import (BackendError, Cancelled, GenerationError,
                                    UnsupportedModelError)
 from vlm_ros.engine.generation import DecoderSession
 from vlm_ros.engine.runtimes.native import NativeResource
+from vlm_ros.engine.runtimes.step_batcher import StepBatcher
 
 _LOG = logging.getLogger('vlm_ros.llamacpp')
 
@@ -112,8 +117,12 @@ class LlamaCppDecoder(NativeResource):
     the model's training context. ``kv_type`` is the KV cache precision (``f16`` like
     llama.cpp's default, ``f32`` for exact parity checks, ``q8_0``); ``flash_attn`` None
     lets llama.cpp decide, except that an ``f32`` cache turns it off (CPU flash attention
-    computes in float16). ``max_beams`` > 1 reserves sequences for beam search. Only one
-    request runs at a time: ``start`` invalidates the previous session.
+    computes in float16). ``max_beams`` > 1 reserves sequences for beam search.
+
+    ``max_concurrent`` requests may be under way at once (threads of their own, each between
+    ``start`` and ``LlamaCppSession.close``); their steps are decoded together, their prompts
+    prefilled in chunks of ``prefill_chunk`` positions between those steps. With the default
+    of 1, ``start`` supersedes a session that was not closed.
 
     ``kv_cache_slots`` > 0 keeps the KV cells of that many recent sequences (prompt and
     answer, stored by ``keep``) in sequences of their own; ``start`` copies the longest
@@ -126,7 +135,8 @@ class LlamaCppDecoder(NativeResource):
                  expected_hidden_size: Optional[int] = None, *, max_beams: int = 1,
                  kv_type: str = 'f16', flash_attn: Optional[bool] = None,
                  n_batch: int = 512, prompt_as_embeddings: bool = True,
-                 kv_cache_slots: int = 0, n_gpu_layers: int = 0):
+                 kv_cache_slots: int = 0, n_gpu_layers: int = 0, max_concurrent: int = 1,
+                 prefill_chunk: int = 128):
         self._ll = L = lib()
         self.path = os.fspath(gguf_path)
         self._model = self._ctx = None
@@ -138,6 +148,10 @@ class LlamaCppDecoder(NativeResource):
             raise GenerationError(f'unknown kv_type {kv_type!r} (known: {sorted(KV_TYPES)})')
         if max_beams < 1:
             raise GenerationError(f'max_beams must be at least 1, got {max_beams}')
+        if max_concurrent < 1:
+            raise GenerationError(f'max_concurrent must be at least 1, got {max_concurrent}')
+        self.max_concurrent = int(max_concurrent)
+        self._chunk = max(1, int(prefill_chunk)) if max_concurrent > 1 else None
 
         log_mark()
         params = L.llama_model_default_params()
@@ -198,7 +212,8 @@ class LlamaCppDecoder(NativeResource):
                 f'and vision encoder use {expected_hidden_size} (files from different models?)')
         self.n_ctx_train = int(L.llama_model_n_ctx_train(model))
         self.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
-        self.max_beams = max_beams
+        # Beam search needs sequences sharing cells: a single request's decoder only.
+        self.max_beams = max_beams if self.max_concurrent == 1 else 1
         self._vocab = L.llama_model_get_vocab(model)
         self.vocab_size = int(L.llama_vocab_n_tokens(self._vocab))
 
@@ -206,14 +221,33 @@ class LlamaCppDecoder(NativeResource):
         requested = int(n_ctx) if n_ctx and n_ctx > 0 else self.n_ctx_train
         params.n_ctx = requested
         params.n_batch = params.n_ubatch = max(1, min(n_batch, requested))
-        # Beams live in a second bank of sequence ids; a unified KV cache lets sequences
-        # share cells, so copying a sequence is bookkeeping, not a copy of the cache.
-        # Then the kept prefixes, one sequence each, after both banks.
-        beam_seqs = 1 if max_beams == 1 else 2 * max_beams
-        self._prefixes = _Prefixes(list(range(beam_seqs, beam_seqs + kv_cache_slots)))
-        self._beam_seqs = beam_seqs
-        params.n_seq_max = beam_seqs + kv_cache_slots
-        params.kv_unified = True
+        if self.max_concurrent == 1:
+            # Beams live in a second set of sequence ids; a unified KV cache lets sequences
+            # share cells, so copying a sequence is bookkeeping, not a copy of the cache.
+            # Then the kept prefixes, one sequence each.
+            bank = 1 if max_beams == 1 else 2 * max_beams
+            self._banks = [list(range(bank))]
+            self._prefixes = _Prefixes(list(range(bank, bank + kv_cache_slots)))
+            params.n_seq_max = bank + kv_cache_slots
+            params.kv_unified = True
+        else:
+            # Concurrent requests: one sequence each, each in a KV stream of its own with
+            # its own n_ctx. In a unified cache a sequence's cells scatter among the others'
+            # and attention sums them in another order: answers would depend on who else is
+            # running (seen as flipped tokens after ~100 steps of 8 sequences). Streams keep
+            # every answer what it is alone. A stream keeps its last request's cells, reused
+            # by a next one that shares a prefix with it (instead of ``_Prefixes``).
+            if self.max_concurrent > int(L.llama_max_parallel_sequences()):
+                raise GenerationError(f'max_concurrent={self.max_concurrent} exceeds the '
+                                      'limit of sequences in one llama.cpp context')
+            self._banks = [[i] for i in range(self.max_concurrent)]
+            self._prefixes = _Prefixes([])
+            self._stream_keys = [None] * self.max_concurrent
+            self._stream_used = [0] * self.max_concurrent
+            self._keep_streams = kv_cache_slots > 0
+            params.n_seq_max = self.max_concurrent
+            params.n_ctx = requested * self.max_concurrent
+            params.kv_unified = False
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = params.type_v = KV_TYPES[kv_type]
         if flash_attn is None and kv_type == 'f32':
@@ -235,9 +269,15 @@ class LlamaCppDecoder(NativeResource):
         self._tokens = _Batch(L, self.n_batch, 0)
         self._batches.append(self._tokens)
         self._embeds: Optional[_Batch] = None
-        self._owner = None
         self._should_stop = None
         self._eog: Optional[List[int]] = None
+        # Every call on the context (decode, memory, logits) holds this lock; the batcher
+        # decides whose work runs, the lock keeps sessions' bookkeeping out of its way.
+        self._lock = threading.RLock()
+        self._sessions = [None] * self.max_concurrent  # per bank: the session using it
+        self._batcher = (StepBatcher(self._run_steps) if self.max_concurrent > 1 else None)
+        # Step batches run so far, by the number of sessions they carried (diagnostics).
+        self.batch_sizes = collections.Counter()
 
     # -- requests -----------------------------------------------------------------------
 
@@ -247,15 +287,22 @@ class LlamaCppDecoder(NativeResource):
 
         The positions of ``image_token_id`` in ``input_ids`` take ``image_features``
         [tokens, hidden] in order. ``should_stop`` is polled between prefill chunks (of
-        ``n_batch`` positions); when it returns True, ``Cancelled`` is raised.
+        ``n_batch`` positions, ``prefill_chunk`` when concurrent); when it returns True,
+        ``Cancelled`` is raised. The caller closes the session when done with it.
         """
-        self._should_stop = should_stop
+        ids, slots, features, text = self._check_prompt(input_ids, image_features,
+                                                        image_token_id)
+        session = self._open(prefix_keys(ids, features, image_token_id))
         try:
-            return self._start(input_ids, image_features, image_token_id)
-        finally:
-            self._should_stop = None
+            logits = self._fill(session, ids, slots, features, text, should_stop)
+        except BaseException:
+            session.close()
+            raise
+        if self._batcher is not None:
+            self._batcher.joined(session)
+        return session, logits
 
-    def _start(self, input_ids, image_features, image_token_id):
+    def _check_prompt(self, input_ids, image_features, image_token_id):
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise GenerationError('the prompt is empty')
@@ -284,31 +331,96 @@ class LlamaCppDecoder(NativeResource):
         if bad.size:
             raise ModelMismatchError(f'token id {int(bad[0])} is outside the vocabulary of '
                                      f'{self.vocab_size} tokens of {os.path.basename(self.path)}')
-        session = LlamaCppSession(self)
-        self._owner = session
-        session.prompt_keys = keys = prefix_keys(ids, features, image_token_id)
-        L, memory = self._ll, self._memory
-        for seq in range(self._beam_seqs):  # the previous request's sequences
-            L.llama_memory_seq_rm(memory, seq, -1, -1)
-        done, seq = self._prefixes.best(keys)
-        if done:
-            L.llama_memory_seq_cp(memory, seq, 0, 0, done)
+        return ids, slots, features, text
+
+    def _open(self, keys):
+        """Give a new session a bank of sequence ids (one request alone: supersede it)."""
+        with self._lock:
+            free = [i for i, s in enumerate(self._sessions) if s is None]
+            if not free and self.max_concurrent == 1:
+                self._sessions[0].close()
+                free = [0]
+            if not free:
+                raise GenerationError(f'more than max_concurrent={self.max_concurrent} '
+                                      'requests at once on one llama.cpp decoder')
+            index, reused = free[0], 0
+            if self.max_concurrent > 1:
+                index, reused = self._pick_stream(free, keys)
+            session = LlamaCppSession(self, index)
+            session.reused = reused
+            self._sessions[index] = session
+            for seq in session.bank:  # what a request before left (beyond a reused prefix)
+                self._ll.llama_memory_seq_rm(self._memory, seq, reused, -1)
+        session.prompt_keys = keys
+        return session
+
+    def _pick_stream(self, free, keys):
+        """Return (free stream, prefix length to reuse): the longest kept prefix, else LRU."""
+        best, index = 0, None
+        for i in free:
+            kept = self._stream_keys[i]
+            if kept is not None:
+                # At least the last prompt position is decoded again: its logits are needed.
+                n = min(common_prefix(kept, keys), len(keys) - 1)
+                if n > best:
+                    best, index = n, i
+        if index is None:
+            index = min(free, key=lambda i: (self._stream_keys[i] is not None,
+                                             self._stream_used[i]))
+        self._stream_keys[index] = None
+        self._stream_used[index] = max(self._stream_used) + 1
+        return index, best
+
+    def _close(self, session):
+        with self._lock:
+            index = session.bank_index
+            if self._sessions[index] is not session:
+                return
+            if self.max_concurrent == 1 or self._stream_keys[index] is None:
+                for seq in session.bank:
+                    self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._sessions[index] = None
+        if self._batcher is not None:
+            self._batcher.left(session)
+
+    def _fill(self, session, ids, slots, features, text, should_stop):
+        """Prefill ``session``'s sequence after the longest kept prefix; return last logits."""
+        seq = session.seqs[0]
+        with self._lock:
+            if self.max_concurrent > 1:
+                done = session.reused
+            else:
+                done, kept = self._prefixes.best(session.prompt_keys)
+                if done:
+                    self._ll.llama_memory_seq_cp(self._memory, kept, seq, 0, done)
         try:
-            self._prefill(ids, slots, features, text, done)
+            logits = self._run_chunks(self._chunks(seq, ids, slots, features, text, done),
+                                      should_stop)
         except PromptTooLongError:
-            if not self._prefixes.seqs_in_use():
-                raise
-            # The kept prefixes hold cells the prompt needs: drop them, prefill it all.
-            self._drop_prefixes()
-            L.llama_memory_seq_rm(memory, 0, -1, -1)
+            with self._lock:
+                if not self._prefixes.seqs_in_use():
+                    raise
+                # The kept prefixes hold cells the prompt needs: drop them, prefill it all.
+                self._drop_prefixes()
+                self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
             done = 0
-            self._prefill(ids, slots, features, text, done)
+            logits = self._run_chunks(self._chunks(seq, ids, slots, features, text, done),
+                                      should_stop)
         session.cached_tokens = done
         session.length = int(ids.size)
-        return session, self._logits(1)
+        return logits
 
-    def _prefill(self, ids, slots, features, text, done):
-        """Decode prompt positions ``done`` onwards (those before come from a kept prefix)."""
+    def _run_chunks(self, chunks, should_stop):
+        """Run prefill chunks in order (between other sessions' steps when concurrent)."""
+        logits = None
+        for i, chunk in enumerate(chunks):
+            if i and should_stop is not None and should_stop():
+                raise Cancelled('cancelled while prefilling the prompt')
+            logits = chunk() if self._batcher is None else self._batcher.chunk(chunk)
+        return logits
+
+    def _chunks(self, seq, ids, slots, features, text, done):
+        """Yield the prefill of positions ``done`` onwards as callables, one decode each."""
         if features is not None and self._token_rows is not None:
             # The whole prompt as one embeddings input, text rows dequantized from the GGUF
             # as llama.cpp's own lookup does: it goes through in n_batch chunks like a text
@@ -318,12 +430,9 @@ class LlamaCppDecoder(NativeResource):
             embeds = np.empty((ids.size, self.hidden_size), dtype=np.float32)
             embeds[slots] = features
             embeds[~slots] = self._token_rows(text)
-            self._decode_chunks(self._embeddings_batch(), embeds[done:], done, True)
-        else:
-            self._decode_runs(ids, slots, features, done)
-
-    def _decode_runs(self, ids, slots, features, done=0):
-        """Decode alternate runs of text tokens and image embeddings, in prompt order."""
+            yield from self._row_chunks(self._embeddings_batch(), embeds[done:], done, True, seq)
+            return
+        # Alternate runs of text tokens and image embeddings, in prompt order.
         edges = np.flatnonzero(np.diff(slots.astype(np.int8))) + 1
         bounds = [0, *[e for e in edges.tolist() if e > done], ids.size]
         bounds[0] = done
@@ -331,11 +440,11 @@ class LlamaCppDecoder(NativeResource):
         for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
             last = end == ids.size
             if slots[begin]:
-                self._decode_chunks(self._embeddings_batch(), features[used:used + end - begin],
-                                    begin, last)
+                yield from self._row_chunks(self._embeddings_batch(),
+                                            features[used:used + end - begin], begin, last, seq)
                 used += end - begin
             else:
-                self._decode_chunks(self._tokens, ids[begin:end], begin, last)
+                yield from self._row_chunks(self._tokens, ids[begin:end], begin, last, seq)
 
     def keep(self, session, token_ids):
         """
@@ -344,20 +453,33 @@ class LlamaCppDecoder(NativeResource):
         A request that continued a kept prefix replaces it; otherwise the least recently
         used prefix makes room. Beam searches are not kept (their sequences moved).
         """
-        if self._owner is not session or session.seqs != [0] or not self._prefixes.seqs:
+        if session.closed or session.seqs != session.bank[:1]:
             return
         fed = session.length - len(session.prompt_keys)
         keys = np.concatenate([session.prompt_keys,
                                np.asarray(token_ids[:fed], dtype=np.int64)])
-        seq = self._prefixes.slot_for(keys)
+        if self.max_concurrent > 1:
+            if self._keep_streams:  # the stream keeps its cells when the session closes
+                self._stream_keys[session.bank_index] = keys
+            return
+        if not self._prefixes.seqs:
+            return
         L = self._ll
-        L.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        L.llama_memory_seq_cp(self._memory, 0, seq, -1, -1)
-        self._prefixes.store(seq, keys)
+        with self._lock:
+            seq = self._prefixes.slot_for(keys)
+            L.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            L.llama_memory_seq_cp(self._memory, session.seqs[0], seq, -1, -1)
+            self._prefixes.store(seq, keys)
 
     def clear_kept(self):
         """Forget every kept prefix (frees their KV cells)."""
-        self._drop_prefixes()
+        with self._lock:
+            self._drop_prefixes()
+            if self.max_concurrent > 1:
+                for i, session in enumerate(self._sessions):
+                    if session is None and self._stream_keys[i] is not None:
+                        self._ll.llama_memory_seq_rm(self._memory, i, -1, -1)
+                        self._stream_keys[i] = None
 
     def _drop_prefixes(self):
         for seq in self._prefixes.seqs_in_use():
@@ -365,38 +487,43 @@ class LlamaCppDecoder(NativeResource):
         self._prefixes.clear()
 
     def _embeddings_batch(self):
-        if self._embeds is None:
-            self._embeds = _Batch(self._ll, self.n_batch, self.hidden_size)
-            self._batches.append(self._embeds)
-        return self._embeds
+        with self._lock:
+            if self._embeds is None:
+                self._embeds = _Batch(self._ll, self.n_batch, self.hidden_size)
+                self._batches.append(self._embeds)
+            return self._embeds
 
-    def _decode_chunks(self, batch, rows, pos, want_last):
+    def _row_chunks(self, batch, rows, pos, want_last, seq):
         """
-        Decode ``rows`` of sequence 0 at positions ``pos``... in chunks of n_batch.
+        Yield the decode of ``rows`` of sequence ``seq`` at positions ``pos``... in chunks.
 
         ``rows`` are token ids for the token batch, embeddings [n, hidden] for the embeddings
         batch; only the last row's logits are kept, and only when ``want_last``.
         """
         if batch is not self._tokens:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
-        for at in range(0, len(rows), self.n_batch):
-            if at and self._should_stop is not None and self._should_stop():
-                raise Cancelled('cancelled while prefilling the prompt')
-            chunk = rows[at:at + self.n_batch]
-            n = len(chunk)
-            batch.input[:n] = chunk
-            batch.pos[:n] = np.arange(pos + at, pos + at + n, dtype=np.int32)
-            batch.set_seqs(n, None)
-            batch.logits[:n] = 0
-            if want_last and at + n == len(rows):
-                batch.logits[n - 1] = 1
-            self._decode(batch, n)
+        size = self.n_batch if self._chunk is None else min(self.n_batch, self._chunk)
+        for at in range(0, len(rows), size):
+            chunk = rows[at:at + size]
+            last = want_last and at + len(chunk) == len(rows)
+            yield functools.partial(self._decode_rows, batch, chunk, pos + at, last, seq)
 
-    def _decode(self, batch, n):
+    def _decode_rows(self, batch, chunk, pos, last, seq):
+        n = len(chunk)
+        with self._lock:
+            batch.input[:n] = chunk
+            batch.pos[:n] = np.arange(pos, pos + n, dtype=np.int32)
+            batch.set_seqs(n, None if seq == 0 else [seq] * n)
+            batch.logits[:n] = 0
+            if last:
+                batch.logits[n - 1] = 1
+            self._decode(batch, n, answering=False)
+            return self._logits(1) if last else None
+
+    def _decode(self, batch, n, answering):
         batch.struct.n_tokens = n
         rc = self._ll.llama_decode(self._ctx, batch.struct)
-        if rc == 1 and self._prefixes.seqs_in_use() and self._owner is not None and \
-                self._owner.length:
+        if rc == 1 and answering and self._prefixes.seqs_in_use():
             # No free cells while answering: the kept prefixes give theirs back.
             self._drop_prefixes()
             rc = self._ll.llama_decode(self._ctx, batch.struct)
@@ -418,46 +545,92 @@ class LlamaCppDecoder(NativeResource):
         return out
 
     def _step(self, session, token_ids):
-        if self._owner is not session:
-            raise GenerationError('this llama.cpp session was superseded by a newer request '
-                                  'on the same decoder')
+        if session.closed:
+            raise GenerationError('this llama.cpp session was closed or superseded by a newer '
+                                  'request on the same decoder')
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        rows = len(ids)
-        if rows != len(session.seqs):
-            raise GenerationError(f'step got {rows} tokens for {len(session.seqs)} sequences')
+        if len(ids) != len(session.seqs):
+            raise GenerationError(f'step got {len(ids)} tokens for {len(session.seqs)} '
+                                  'sequences')
         if session.length + 1 > self.context_length:
             raise PromptTooLongError(f'the answer reached the {self.context_length}-token '
                                      'context')
-        batch = self._tokens
-        batch.input[:rows] = ids
-        batch.pos[:rows] = session.length
-        batch.set_seqs(rows, session.seqs)
-        batch.logits[:rows] = 1
-        self._decode(batch, rows)
-        session.length += 1
-        return self._logits(rows)
+        if self._batcher is not None:
+            return self._batcher.step(session, ids)
+        with self._lock:
+            batch = self._tokens
+            rows = len(ids)
+            batch.input[:rows] = ids
+            batch.pos[:rows] = session.length
+            batch.set_seqs(rows, session.seqs)
+            batch.logits[:rows] = 1
+            self._decode(batch, rows, answering=True)
+            session.length += 1
+            return self._logits(rows)
+
+    def _run_steps(self, jobs):
+        """Decode one step of several sessions in one llama_decode (the batcher's runner)."""
+        with self._lock:
+            jobs = [job for job in jobs if not self._failed_closed(job)]
+            while jobs:
+                batch, rows = self._tokens, 0
+                for job in jobs:
+                    n = len(job.tokens)
+                    batch.input[rows:rows + n] = job.tokens
+                    batch.pos[rows:rows + n] = job.session.length
+                    rows += n
+                batch.set_seqs(rows, [seq for job in jobs for seq in job.session.seqs])
+                batch.logits[:rows] = 1
+                try:
+                    self._decode(batch, rows, answering=True)
+                except PromptTooLongError as exc:
+                    # No cell left for all of them: the batch's last answer gives up, the
+                    # others try again (llama.cpp placed none of the batch's cells).
+                    jobs.pop().fail(exc)
+                    continue
+                logits = self._logits(rows)
+                self.batch_sizes[len(jobs)] += 1
+                at = 0
+                for job in jobs:
+                    n = len(job.tokens)
+                    job.session.length += 1
+                    job.succeed(logits[at:at + n])
+                    at += n
+                return
+
+    @staticmethod
+    def _failed_closed(job):
+        if job.session.closed:
+            job.fail(GenerationError('this llama.cpp session was closed'))
+            return True
+        return False
 
     def _select(self, session, rows):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         seqs = session.seqs
         if len(rows) == len(seqs) and np.array_equal(rows, np.arange(len(rows))):
             return
-        if self._owner is not session:
+        if session.closed:
             raise GenerationError('this llama.cpp session was superseded by a newer request')
         if len(rows) > self.max_beams:
+            if self.max_concurrent > 1:
+                raise GenerationError('beam search needs a llama.cpp decoder that answers one '
+                                      'request at a time (max_concurrent 1)')
             if self.max_beams == 1:
                 raise GenerationError('beam search is not supported on llama.cpp unless the '
                                       'decoder is created with max_beams >= num_beams')
             raise GenerationError(f'{len(rows)} beams requested but the llama.cpp decoder '
                                   f'was created with max_beams={self.max_beams}')
         L = self._ll
-        base = self.max_beams if seqs[0] < self.max_beams else 0
-        new = [base + i for i in range(len(rows))]
-        for dst, src in zip(new, rows, strict=True):
-            L.llama_memory_seq_cp(self._memory, seqs[int(src)], dst, -1, -1)
-        for seq in seqs:
-            L.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        session.seqs = new
+        bank = session.bank
+        half = bank[self.max_beams:] if seqs[0] in bank[:self.max_beams] else bank
+        new = half[:len(rows)]
+        with self._lock:
+            for dst, src in zip(new, rows, strict=True):
+                L.llama_memory_seq_cp(self._memory, seqs[int(src)], dst, -1, -1)
+            for seq in seqs:
+                L.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        session.seqs = list(new)
 
     # -- vocabulary -----------------------------------------------------------------------
 
@@ -537,18 +710,14 @@ class _Batch:
         self._seq = [s.seq_id[i] for i in range(capacity)]
         for ptr in self._seq:
             ptr[0] = 0
-        self._dirty = 0  # entries whose sequence id is not 0
+        self._current = np.zeros(capacity, dtype=np.int64)  # what each entry holds now
 
     def set_seqs(self, n, seqs):
         """Sequence ids of the first ``n`` entries (None: all sequence 0)."""
-        if seqs is None:
-            for i in range(min(n, self._dirty)):
-                self._seq[i][0] = 0
-            self._dirty = 0
-            return
-        for i, seq in enumerate(seqs):
-            self._seq[i][0] = seq
-        self._dirty = max(self._dirty, len(seqs))
+        want = np.zeros(n, dtype=np.int64) if seqs is None else np.asarray(seqs, np.int64)
+        for i in np.flatnonzero(self._current[:n] != want).tolist():
+            self._seq[i][0] = int(want[i])
+        self._current[:n] = want
 
     def free(self):
         if self.struct is not None:
@@ -559,12 +728,16 @@ class _Batch:
 class LlamaCppSession(DecoderSession):
     """One request's sequences in the decoder's llama.cpp context."""
 
-    def __init__(self, decoder: LlamaCppDecoder):
+    def __init__(self, decoder: LlamaCppDecoder, bank_index: int):
         self.d = decoder
+        self.bank_index = bank_index
+        self.bank = decoder._banks[bank_index]
         self.length = 0
-        self.seqs = [0]
+        self.seqs = self.bank[:1]
         self.prompt_keys = np.zeros(0, dtype=np.int64)
         self.cached_tokens = 0
+        self.closed = False
+        self.reused = 0
 
     @property
     def rows(self):
@@ -578,6 +751,12 @@ class LlamaCppSession(DecoderSession):
     def select(self, rows):
         """Make row i a copy of old row ``rows[i]`` (KV cells shared, not copied)."""
         self.d._select(self, rows)
+
+    def close(self):
+        """Free the session's sequences (its KV cells) for other requests."""
+        if not self.closed:
+            self.closed = True
+            self.d._close(self)
 
 
 class _Prefixes:
