@@ -571,7 +571,11 @@ class LlamaCppDecoder(NativeResource):
     def _run_steps(self, jobs):
         """Decode one step of several sessions in one llama_decode (the batcher's runner)."""
         with self._lock:
-            jobs = [job for job in jobs if not self._failed_closed(job)]
+            # Rows in sequence order: with a KV stream per sequence, 8 rows in arrival order
+            # took 112 ms here and the same rows in sequence order 60 (llama.cpp splits a
+            # batch over streams into micro-batches, each reading the weights again).
+            jobs = sorted((job for job in jobs if not self._failed_closed(job)),
+                          key=lambda job: job.session.seqs[0])
             while jobs:
                 batch, rows = self._tokens, 0
                 for job in jobs:
@@ -679,6 +683,8 @@ class LlamaCppDecoder(NativeResource):
     def close(self):
         """Free the context, batches and model (also done when garbage collected)."""
         L = self._ll
+        if getattr(self, '_batcher', None) is not None:
+            self._batcher.close()
         for batch in self._batches:
             batch.free()
         self._batches = []

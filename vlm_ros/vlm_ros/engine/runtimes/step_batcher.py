@@ -6,12 +6,13 @@ memory-bound CPU several answers stepping together cost little more than one. Ea
 keeps its own generation loop in its own thread (its sampling settings, stop rules, streaming
 and cancellation stay exactly those of a request alone); only the decoder call is shared.
 
-Callers submit jobs and block until theirs is done; whichever waiting caller finds work ready
-runs it for everybody (no scheduler thread, so a lone request pays no hand-over). A batch of
-steps runs once every decoding session has submitted its step, or once the oldest step has
-waited ``max_wait_s`` (a session whose caller is slow delays the others by no more). Prefill
-chunks of requests that are joining run one at a time between step batches, so a long prompt
-delays running answers by one chunk at most.
+Callers submit jobs and block until theirs is done; one runner thread runs them all. (Run
+from whichever caller happened to be waiting, the steps went through llama.cpp's OpenMP
+build from four threads, each with a team of worker threads that spin after a step: a 4-row
+step took 129 ms on two cores, 65 ms from one runner thread.) A batch of steps runs once every decoding session has submitted its
+step, or once the oldest step has waited ``max_wait_s`` (a session whose caller is slow
+delays the others by no more). Prefill chunks of requests that are joining run one at a time
+between step batches, so a long prompt delays running answers by one chunk at most.
 """
 
 import threading
@@ -25,7 +26,9 @@ class _Job:
     def __init__(self, session=None, tokens=None, fn=None):
         self.session, self.tokens, self.fn = session, tokens, fn
         self.submitted = time.monotonic()
-        self.done = False
+        # Each caller waits on its own event: with one shared condition, every submission
+        # woke every waiting caller only for it to sleep again.
+        self.done = threading.Event()
         self.result: Any = None
         self.error: Optional[BaseException] = None
 
@@ -59,13 +62,14 @@ class StepBatcher:
     job's result (its logits) or error.
     """
 
-    def __init__(self, run_steps: Callable[[List[StepJob]], None], max_wait_s: float = 0.005):
+    def __init__(self, run_steps: Callable[[List[StepJob]], None], max_wait_s: float = 0.05):
         self._run_steps = run_steps
         self._max_wait = max_wait_s
         self._cond = threading.Condition()
         self._queue: List[_Job] = []
         self._decoding = set()
-        self._running = False
+        self._stopping = False
+        self._runner: Optional[threading.Thread] = None
 
     def joined(self, session):
         """``session`` has its prompt prefilled: step batches now wait for its steps too."""
@@ -76,7 +80,7 @@ class StepBatcher:
         """``session`` ended: batches no longer wait for it."""
         with self._cond:
             self._decoding.discard(session)
-            self._cond.notify_all()
+            self._cond.notify()
 
     def step(self, session, tokens):
         """Run ``session``'s step in the next batch; return its result."""
@@ -86,30 +90,58 @@ class StepBatcher:
         """Run ``fn`` (one prefill chunk) alone, between step batches; return its result."""
         return self._submit(_Job(fn=fn))
 
+    def close(self):
+        """Stop the runner thread (jobs still queued fail)."""
+        with self._cond:
+            self._stopping = True
+            for job in self._queue:
+                job.error = RuntimeError('the decoder was closed')
+                job.done.set()
+            self._queue.clear()
+            self._cond.notify()
+        if self._runner is not None and self._runner is not threading.current_thread():
+            self._runner.join(5.0)
+
     def _submit(self, job: _Job):
         with self._cond:
+            if self._stopping:
+                raise RuntimeError('the decoder was closed')
+            if self._runner is None:
+                self._runner = threading.Thread(target=self._run, name='vlm_decode',
+                                                daemon=True)
+                self._runner.start()
             self._queue.append(job)
-            self._cond.notify_all()
-            while not job.done:
-                work, wait = (None, None) if self._running else self._pick()
-                if work is None:
-                    self._cond.wait(wait)
-                    continue
-                self._running = True
-                for item in work:
-                    self._queue.remove(item)
-                self._cond.release()
-                try:
-                    self._execute(work)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    for item in work:
-                        item.done = True
-                    self._cond.notify_all()
+            if self._worth_waking(job):
+                self._cond.notify()  # only the runner waits on the condition
+        job.done.wait()
         if job.error is not None:
             raise job.error
         return job.result
+
+    def _worth_waking(self, job):
+        """Whether ``job`` may let the runner start something (else it would sleep again)."""
+        if job.fn is not None:
+            return True
+        steps = [item.session for item in self._queue if item.fn is None]
+        return len(steps) == 1 or set(steps) >= self._decoding
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    work, wait = self._pick()
+                    if work is not None:
+                        break
+                    self._cond.wait(wait)
+                for item in work:
+                    self._queue.remove(item)
+            try:
+                self._execute(work)
+            finally:
+                for item in work:
+                    item.done.set()
 
     def _pick(self):
         """Return (jobs to run now, None) or (None, seconds to wait at most)."""
