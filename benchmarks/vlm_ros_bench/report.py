@@ -245,6 +245,7 @@ def markdown(doc):
         lines.append('')
     lines += _action_section(doc.get('action'))
     lines += _reuse_section(doc.get('reuse') or [])
+    lines += _concurrency_section(doc.get('concurrency'))
     lines += ['## Method notes', '',
               '- Models: random weights at the published shapes (see benchmarks/vlm_ros_bench/'
               "models.py), exported by the project's exporters; speed depends on shapes and "
@@ -364,6 +365,43 @@ def _reuse_section(reuse):
                          f'{_fmt(t["prefilled_tokens"]["median"], 0)} | '
                          f'{_cell(t["ttft_ms"])} |')
     return lines + ['']
+
+
+def _concurrency_section(part):
+    """Return the markdown of concurrent requests (continuous batching) beside raw llama.cpp."""
+    if not part:
+        return []
+    lines = ['## Concurrent requests: continuous batching', '']
+    if part['status'] != 'ok':
+        return lines + [f'Not measured: {part["error"]}', '']
+    lines += [f'{part["model"]}, {part["path"]}, `max_concurrent` 8, {part["threads"]} '
+              f'threads, {part["new_tokens"]} new tokens (EOS ignored), about '
+              f'{part["prompt_tokens"]} prompt tokens, {part["repetitions"]} repetitions per '
+              'level. Aggregate = all tokens / time from the start to the last answer; TTFT '
+              'from the common start. Raw llama.cpp: the same number of sequences of the same '
+              'prompt length decoded together on the same GGUF (decode only). Targets: '
+              'aggregate at 4 requests >= 2.5x one, at 8 >= 3.5x; time per token at 4 <= '
+              '1.6x alone.', '']
+    for title, levels in (('Each request about its own image (encoded one image at a time):',
+                           part['levels']),
+                          ('Each request its own question about one new frame (encoded '
+                           'once):', part.get('one_frame_levels') or [])):
+        if not levels:
+            continue
+        lines += [title, '',
+                  '| requests | aggregate tokens/s | vs one | TPOT ms | TPOT vs alone | '
+                  'TTFT ms | raw llama.cpp decode tokens/s | raw vs one | step batches by '
+                  'size |',
+                  '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |']
+        for level in levels:
+            batches = ', '.join(f'{k}: {v}' for k, v in level['step_batches'].items())
+            lines.append(f'| {level["requests"]} | {_cell(level["aggregate_tokens_per_s"])} | '
+                         f'{level["speedup"]:.2f}x | {_cell(level["tpot_ms"])} | '
+                         f'{level["tpot_vs_alone"]:.2f}x | {_cell(level["ttft_ms"])} | '
+                         f'{_cell(level["raw_decode_tokens_per_s"])} | '
+                         f'{level["raw_speedup"]:.2f}x | {batches or "-"} |')
+        lines.append('')
+    return lines
 
 
 # -- chart ----------------------------------------------------------------------------------

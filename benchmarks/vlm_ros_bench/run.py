@@ -65,6 +65,10 @@ def add_arguments(parser):
                         help='skip the reuse measurement (feature and prefix caches)')
     parser.add_argument('--reuse-reps', type=int, default=None,
                         help='repetitions of the reuse measurement (5)')
+    parser.add_argument('--no-concurrency', action='store_true',
+                        help='skip concurrent requests (continuous batching)')
+    parser.add_argument('--concurrency-reps', type=int, default=None,
+                        help='repetitions per level of the concurrency measurement (3)')
     parser.add_argument('--bandwidth-mb', type=int, default=None, help='array size (1024)')
     parser.add_argument('--matmul-n', type=int, default=None, help='matrix size (2048)')
     parser.add_argument('--out', default=os.path.join(common.BENCH_DIR, 'results'))
@@ -267,6 +271,31 @@ def _reuse(settings, args, manifests, workdir):
     return out
 
 
+CONCURRENCY_PATH = 'onnx-int8-vision+llamacpp-q8_0'
+
+
+def _concurrency(settings, args, manifests, workdir):
+    """Measure 1/2/4/8 concurrent requests on the first model, beside raw llama.cpp."""
+    from vlm_ros_bench import concurrency
+    if args.no_concurrency:
+        return concurrency.skipped('skipped (--no-concurrency)')
+    manifest = manifests[0]
+    reps = args.concurrency_reps or (1 if args.tiny else 3)
+    files = {k: v for k, v in paths.case_files(paths.BY_NAME[CONCURRENCY_PATH], manifest,
+                                               False).items() if k.endswith('_model')}
+    spec = {'model_name': manifest['name'], 'model_dir': manifest['model_dir'], 'files': files,
+            'path': CONCURRENCY_PATH, 'threads': settings['threads'],
+            'n_ctx': settings['n_ctx'], 'prompt': settings['prompt'],
+            'new_tokens': settings['new_tokens'], 'reps': reps,
+            'levels': list(concurrency.LEVELS)}
+    _log(f'concurrency: {manifest["name"]} {CONCURRENCY_PATH}, {reps} repetitions per level')
+    part, failure = common.run_child('vlm_ros_bench.concurrency', spec,
+                                     os.path.join(workdir, 'concurrency'),
+                                     common.child_env(settings['threads']), args.timeout,
+                                     'concurrency process')
+    return part if part is not None else concurrency.skipped(failure, manifest['name'], 'error')
+
+
 def _write(doc):
     """Draw the chart, check the schema, write JSON and markdown."""
     skipped = report.chart(doc, doc['artifacts']['json'][:-len('.json')] + '.png')
@@ -298,6 +327,7 @@ def rerender(argv):
             doc = json.load(f)
         stem = os.path.abspath(path)[:-len('.json')]
         doc.setdefault('overhead_paired', None)  # results from before the section existed
+        doc.setdefault('concurrency', None)
         doc['artifacts'].update(json=stem + '.json', markdown=stem + '.md')
         _write(doc)
     return 0
@@ -326,6 +356,7 @@ def run(args, argv):
     ros = _ros(settings, args, workdir)
     action = _action(settings, args, manifests, workdir)
     reuse = _reuse(settings, args, manifests, workdir)
+    batching = _concurrency(settings, args, manifests, workdir)
     stem = os.path.join(os.path.abspath(args.out), args.name)
     doc = {
         'schema_version': SCHEMA_VERSION,
@@ -344,6 +375,7 @@ def run(args, argv):
         'ros_overhead': ros,
         'action': action,
         'reuse': reuse,
+        'concurrency': batching,
         'artifacts': {'json': stem + '.json', 'markdown': stem + '.md', 'chart': stem + '.png',
                       'chart_skipped': None},
     }

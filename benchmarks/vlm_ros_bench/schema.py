@@ -106,6 +106,13 @@ REUSE = {'model': str, 'path': str, 'status': str, 'error': opt(str), 'repetitio
          'new_image_ttft_ms': opt(STATS), 'follow_up_fraction': opt(NUM),
          'follow_up_cached_tokens': opt(STATS), 'new_image_cached_tokens': opt(STATS),
          'turns': ListOf(REUSE_TURN)}
+CONCURRENCY_LEVEL = {'requests': int, 'aggregate_tokens_per_s': STATS, 'tpot_ms': STATS,
+                     'ttft_ms': STATS, 'raw_decode_tokens_per_s': STATS, 'step_batches': dict,
+                     'speedup': NUM, 'raw_speedup': NUM, 'tpot_vs_alone': NUM}
+CONCURRENCY = {'status': str, 'error': opt(str), 'model': opt(str), 'path': str,
+               'threads': int, 'repetitions': int, 'new_tokens': int, 'prompt_tokens': int,
+               'levels': ListOf(CONCURRENCY_LEVEL),
+               'one_frame_levels': ListOf(CONCURRENCY_LEVEL)}
 OVERHEAD = {'model': str, 'split': bool, 'gguf_type': str, 'path': str, 'pipeline_tpot_ms': NUM,
             'raw_tpot_ms': NUM, 'overhead_ms_per_token': NUM, 'overhead_fraction': NUM}
 DOCUMENT = {
@@ -118,7 +125,7 @@ DOCUMENT = {
     'machine': MACHINE, 'hardware': HARDWARE, 'models': ListOf(MODEL), 'runs': ListOf(RUN),
     'decode_overhead': ListOf(OVERHEAD), 'overhead_paired': opt(PAIRED),
     'ros_overhead': ROS, 'action': ACTION,
-    'reuse': ListOf(REUSE),
+    'reuse': ListOf(REUSE), 'concurrency': opt(CONCURRENCY),
     'artifacts': {'json': str, 'markdown': str, 'chart': opt(str), 'chart_skipped': opt(str)},
 }
 

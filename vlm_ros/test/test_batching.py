@@ -14,6 +14,7 @@ run) take the same kernel for any row count, and the test then asserts identical
 """
 
 import functools
+import pathlib
 import threading
 
 from conftest import tiny_model
@@ -95,6 +96,15 @@ def test_tokens_are_the_same_alone_and_batched(pipe, alone, others):
     assert sum(n for size, n in pipe.decoder.batch_sizes.items() if size > 1) > before
 
 
+def test_the_default_f16_cache_gives_the_same_tokens_alone_and_batched():
+    pipe = vlm_ros.pipeline(cached_test_model('a'), decoder_model=cached_gguf('a', 'q8_0'),
+                            kv_cache_slots=0, feature_cache_mb=0, max_concurrent=4,
+                            ignore_eos=True)
+    alone = [pipe.generate(_image(i), prompt, **settings).token_ids
+             for i, (prompt, settings) in enumerate(REQUESTS[:4])]
+    assert [r.token_ids for r in _together(pipe, [0, 1, 2, 3])] == alone
+
+
 def test_the_answers_match_a_decoder_without_batching(alone):
     sequential = vlm_ros.pipeline(cached_test_model('a'), decoder_model=cached_gguf('a', 'q8_0'),
                                   kv_type='f32', kv_cache_slots=0, feature_cache_mb=0,
@@ -174,3 +184,92 @@ def test_the_node_refuses_beams_with_concurrency(node_process, ros_client):
                         '-p', f'llm_model_name:={cached_gguf("a", "q8_0")}',
                         '-p', 'max_concurrent:=2', '-p', 'num_beams:=2')
     assert node.wait_for_output('num_beams > 1 needs max_concurrent 1')
+
+
+def test_vlm_serve_answers_concurrent_requests_together(tmp_path):
+    import base64
+    import io
+
+    from conftest import ServeProcess
+    import httpx
+    from PIL import Image
+    model_dir, gguf = cached_test_model('a'), cached_gguf('a', 'q8_0')
+    server = ServeProcess(tmp_path, model_dir, '--decoder-model', gguf, '--max-concurrent', '3',
+                          '--queue-size', '6').wait_ready()
+    try:
+        assert '3 at once' in server.output()
+
+        def ask(i):
+            buffer = io.BytesIO()
+            Image.fromarray(_image(i)).save(buffer, 'PNG')
+            url = 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
+            body = {'model': pathlib.Path(model_dir).name, 'max_tokens': 150, 'ignore_eos': True,
+                    'messages': [{'role': 'user', 'content': [
+                        {'type': 'image_url', 'image_url': {'url': url}},
+                        {'type': 'text', 'text': REQUESTS[i][0]}]}]}
+            answers[i] = httpx.post(server.url + '/chat/completions', json=body, timeout=120)
+
+        answers = {}
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        library = vlm_ros.pipeline(model_dir, decoder_model=gguf, kv_cache_slots=0,
+                                   max_concurrent=3)
+        timings = []
+        for i in range(3):
+            assert answers[i].status_code == 200, answers[i].text
+            body = answers[i].json()
+            assert body['choices'][0]['message']['content'] == library.generate(
+                _image(i), REQUESTS[i][0], max_new_tokens=150, ignore_eos=True).text
+            timings.append(body['vlm_ros']['timings_ms'])
+        # Each started at once: none waited in line for another's answer.
+        assert max(t['queue'] for t in timings) < min(t['decode'] for t in timings)
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
+def test_a_dropped_decoder_is_freed_and_its_decode_thread_ends():
+    import gc
+    import weakref
+    pipe = vlm_ros.pipeline(cached_test_model('a'), decoder_model=cached_gguf('a', 'q8_0'),
+                            max_concurrent=2, max_new_tokens=4)
+    pipe.generate(_image(0), 'What is in the picture?')
+    runner = pipe.decoder._batcher._runner
+    assert runner.is_alive()
+    decoder = weakref.ref(pipe.decoder)
+    pipe.close()
+    gc.collect()
+    assert decoder() is None
+    runner.join(5)
+    assert not runner.is_alive()
+
+
+def test_callers_asking_about_one_frame_encode_it_once():
+    pipe = vlm_ros.pipeline(cached_test_model('a'), decoder_model=cached_gguf('a', 'q8_0'),
+                            kv_cache_slots=0, feature_cache_mb=64, max_concurrent=3,
+                            max_new_tokens=40, ignore_eos=True)
+    encoded, encode = [], pipe.vision.encode
+
+    def counting_encode(request):
+        encoded.append(sum(f is None for f in request.image_features))
+        return encode(request)
+    pipe.vision.encode = counting_encode
+    frame = _image(7)
+    results, barrier = {}, threading.Barrier(3)
+
+    def ask(i):
+        barrier.wait()
+        results[i] = pipe.generate(frame, REQUESTS[i][0])
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(encoded) == [0, 0, 1]  # the first encodes, the others reuse
+    plain = vlm_ros.pipeline(cached_test_model('a'), decoder_model=cached_gguf('a', 'q8_0'),
+                             kv_cache_slots=0, feature_cache_mb=0, max_concurrent=3,
+                             max_new_tokens=40, ignore_eos=True)
+    for i in range(3):
+        assert results[i].token_ids == plain.generate(frame, REQUESTS[i][0]).token_ids

@@ -197,3 +197,18 @@ def test_large_message_profile_takes_effect():
     assert 'XMLPARSER' not in out.stderr, out.stderr[-3000:]
     # A participant's own segment is 512 KiB by default; the profile asks for 32 MiB.
     assert int(out.stdout.split()[-1]) >= 32 * 1024 * 1024, out.stderr[-3000:]
+
+
+def test_concurrency_measured(tiny_results):
+    out, doc, _ = tiny_results
+    part = doc['concurrency']
+    assert part['status'] == 'ok', part['error']
+    assert [level['requests'] for level in part['levels']] == [1, 2, 4, 8]
+    assert [level['requests'] for level in part['one_frame_levels']] == [1, 2, 4, 8]
+    for level in part['levels'] + part['one_frame_levels']:
+        assert level['aggregate_tokens_per_s']['median'] > 0
+        assert level['raw_decode_tokens_per_s']['median'] > 0
+        # Every request of the level generated its tokens.
+        assert level['tpot_ms']['n'] == level['requests'] * part['repetitions']
+    assert set(part['levels'][0]['step_batches']) == {'1'}  # a request alone steps alone
+    assert '## Concurrent requests: continuous batching' in (out / 'tiny.md').read_text()

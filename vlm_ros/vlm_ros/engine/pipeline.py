@@ -87,6 +87,12 @@ class Pipeline(Answerer):
         if encoded:
             on_phase('vision')
         with self._vision_lock:
+            if self.feature_cache is not None and encoded:
+                # Callers asking about one frame at the same time: the first encodes it,
+                # the others find its features here instead of encoding it again.
+                request.image_features = [
+                    f if f is not None else self.feature_cache.get(key)
+                    for f, key in zip(request.image_features, keys, strict=True)]
             request, features = self.vision.encode(request)
         timings.vision_ms = _ms(t) if features is not None and encoded else 0.0
         if self.feature_cache is not None:

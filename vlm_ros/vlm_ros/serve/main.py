@@ -61,6 +61,9 @@ def build_parser():
     s.add_argument('--queue-size', type=int,
                    help='requests held at once, the running one included; more get HTTP '
                    '429 (default 4)')
+    s.add_argument('--max-concurrent', type=int,
+                   help='requests a llama.cpp decoder answers at once, their decode steps '
+                   'batched (default 1; an ONNX decoder or a remote server: one at a time)')
     s.add_argument('--served-model-name', help='model name clients use (default: the model '
                    'folder name)')
     s.add_argument('--max-body-mb', type=float, default=20.0,
@@ -162,6 +165,8 @@ def server_options(args, params):
     queue_size = _pick(args.queue_size, params, 'queue_size', 4)
     if queue_size < 1:
         raise UsageError(f'--queue-size must be at least 1, got {queue_size}')
+    if _pick(args.max_concurrent, params, 'max_concurrent', 1) < 1:
+        raise UsageError('--max-concurrent must be at least 1')
     if args.max_body_mb <= 0 or args.image_fetch_timeout <= 0:
         raise UsageError('--max-body-mb and --image-fetch-timeout must be positive')
     image_dir = None
@@ -200,6 +205,8 @@ def main(argv=None):
         answerer = build(spec, n_threads=_pick(args.threads, params, 'n_threads', 0),
                          n_ctx=_pick(args.n_ctx, params, 'n_ctx', 0), defaults=defaults,
                          n_gpu_layers=_pick(args.n_gpu_layers, params, 'n_gpu_layers', 0),
+                         max_concurrent=_pick(args.max_concurrent, params, 'max_concurrent',
+                                              1),
                          providers=_pick(args.onnx_providers, params, 'onnx_providers',
                                          None),
                          image_options=ImageOptions(

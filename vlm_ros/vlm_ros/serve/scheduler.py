@@ -1,13 +1,14 @@
 """
-The server's bounded queue: one worker thread runs the model, one request at a time.
+The server's bounded queue: worker threads run the model, one request each.
 
-An answerer serves one request at a time and uses every core for it, so requests wait in
-line; the line holds at most ``capacity`` requests, the running one included, and a request
-beyond that is refused at once (HTTP 429) rather than left waiting for minutes. A request
-whose client went away leaves the line at once, or, while running, stops at the engine's
-next ``should_stop`` poll (between tokens).
+An answerer serves one request at a time (or ``max_concurrent`` on a batching llama.cpp
+decoder) and uses every core for it, so requests wait in line; the line holds at most
+``capacity`` requests, the running ones included, and a request beyond that is refused at
+once (HTTP 429) rather than left waiting for minutes. A request whose client went away leaves
+the line at once, or, while running, stops at the engine's next ``should_stop`` poll (between
+tokens).
 
-The worker thread hands text and the outcome to the request's asyncio task through
+A worker thread hands text and the outcome to the request's asyncio task through
 ``loop.call_soon_threadsafe``: the event loop never blocks on the model.
 """
 
@@ -97,27 +98,28 @@ class Job:
 
 
 class Scheduler:
-    """A line of at most ``capacity`` jobs, the running one included, and its worker."""
+    """A line of at most ``capacity`` jobs, the running ones included, and its workers."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, workers: int = 1):
         if capacity < 1:
             raise ValueError(f'queue size must be at least 1, got {capacity}')
         self.capacity = capacity
         self._waiting: collections.deque = collections.deque()
-        self._running: Optional[Job] = None
+        self._running: set = set()
         self._cond = threading.Condition()
         self._closed = False
         self._mean_s = 0.0
         """Moving average of how long a job runs, for Retry-After."""
-        self._thread = threading.Thread(target=self._loop, name='vlm_serve_worker',
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f'vlm_serve_worker_{i}',
+                                          daemon=True) for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
         """Jobs running or waiting."""
         with self._cond:
-            return len(self._waiting) + (self._running is not None)
+            return len(self._waiting) + len(self._running)
 
     @property
     def waiting(self) -> int:
@@ -128,7 +130,7 @@ class Scheduler:
     def check_room(self):
         """Raise QueueFull when a new job would be refused now (nothing is reserved)."""
         with self._cond:
-            if len(self._waiting) + (self._running is not None) >= self.capacity:
+            if len(self._waiting) + len(self._running) >= self.capacity:
                 raise QueueFull(self.capacity, self._retry_after())
 
     def submit(self, job: Job):
@@ -136,7 +138,7 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise Closed()
-            depth = len(self._waiting) + (self._running is not None)
+            depth = len(self._waiting) + len(self._running)
             if depth >= self.capacity:
                 raise QueueFull(self.capacity, self._retry_after())
             self._waiting.append(job)
@@ -157,20 +159,22 @@ class Scheduler:
             self._closed = True
             dropped = list(self._waiting)
             self._waiting.clear()
-            running = self._running
+            running = list(self._running)
             self._cond.notify_all()
         for job in dropped:
             job.cancelled.set()
             job.deliver(CLOSED, None)
-        if running is not None:
-            running.cancelled.set()
+        for job in running:
+            job.cancelled.set()
 
     def join(self, timeout: float):
-        """Wait up to ``timeout`` seconds for the worker to end (after ``close``)."""
-        self._thread.join(timeout)
+        """Wait up to ``timeout`` seconds for the workers to end (after ``close``)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _retry_after(self):
-        # One place frees up when the running job ends: about a mean job's time, at least 1 s
+        # A place frees up when a running job ends: about a mean job's time, at least 1 s
         # (Retry-After counts whole seconds) and at most a minute.
         return int(min(60, max(1, math.ceil(self._mean_s or 1.0))))
 
@@ -182,7 +186,7 @@ class Scheduler:
                 if not self._waiting:
                     return  # closed and drained
                 job = self._waiting.popleft()
-                self._running = job
+                self._running.add(job)
             job.started_at = time.perf_counter()
             kind, value = DONE, None
             try:
@@ -192,7 +196,7 @@ class Scheduler:
             finally:
                 job.finished_at = time.perf_counter()
                 with self._cond:
-                    self._running = None
+                    self._running.discard(job)
                     elapsed = job.finished_at - job.started_at
                     self._mean_s = elapsed if not self._mean_s else \
                         0.8 * self._mean_s + 0.2 * elapsed

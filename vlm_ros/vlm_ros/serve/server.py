@@ -55,11 +55,12 @@ def _ignore(sig, frame):
 
 def run(answerer, config, queue_size, host, port, log_level='info'):
     """Serve ``answerer`` until SIGINT or SIGTERM."""
-    scheduler = Scheduler(queue_size)
+    workers = getattr(answerer, 'max_concurrent', 1)
+    scheduler = Scheduler(queue_size, workers)
     app = create_app(answerer, config, scheduler)
     state = app.state.vlm
-    _LOG.info('API at http://%s:%d/v1 (queue of %d, %s)', host, port, queue_size,
-              'API key required' if config.api_key else 'no API key')
+    _LOG.info('API at http://%s:%d/v1 (queue of %d, %d at once, %s)', host, port, queue_size,
+              workers, 'API key required' if config.api_key else 'no API key')
     # uvicorn (>= 0.29) raises the signal that stopped it again once it is done, so that
     # the default action follows; the shutdown is complete then, and the exit status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

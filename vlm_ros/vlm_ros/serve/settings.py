@@ -26,11 +26,11 @@ NODE_DEFAULTS: Dict[str, Any] = {
     'num_beams': 1, 'queue_size': 4, 'remote_url': '', 'remote_model': '',
     'remote_api_key_env': '', 'remote_connect_timeout_s': 5.0, 'remote_read_timeout_s': 60.0,
     'remote_max_retries': 2, 'remote_image_max_side': 1024, 'n_gpu_layers': 0,
-    'onnx_providers': None,
+    'onnx_providers': None, 'max_concurrent': 1,
 }
 _INTEGERS = ('model_type', 'n_threads', 'n_ctx', 'max_image_tiles', 'max_new_tokens', 'top_k',
              'seed', 'num_beams', 'queue_size', 'remote_max_retries', 'remote_image_max_side',
-             'n_gpu_layers')
+             'n_gpu_layers', 'max_concurrent')
 _NUMBERS = ('temperature', 'top_p', 'repetition_penalty', 'remote_connect_timeout_s',
             'remote_read_timeout_s')
 _STRINGS = ('backend', 'model_dir', 'model_file_name', 'llm_model_name', 'system_prompt',

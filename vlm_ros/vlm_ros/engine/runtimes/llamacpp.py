@@ -254,6 +254,12 @@ class LlamaCppDecoder(NativeResource):
             # CPU flash attention rounds K, V and Q to float16, which would defeat the
             # point of a float32 cache (exact comparisons with the reference).
             flash_attn = False
+        if flash_attn is None and self.max_concurrent > 1:
+            # With flash attention, an answer decoded beside others differed from the same
+            # answer alone (f16 cache, tiny model, after ~80 tokens); without, it does not.
+            # It was also slower for several rows here: SmolVLM2-256M Q8_0, 2 cores, ~130
+            # cached positions, 4 rows 44-48 ms with it vs 34-37 without, 8 rows 71 vs 53-60.
+            flash_attn = False
         if flash_attn is not None:
             params.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                       else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)

@@ -9,15 +9,17 @@ and cancellation stay exactly those of a request alone); only the decoder call i
 Callers submit jobs and block until theirs is done; one runner thread runs them all. (Run
 from whichever caller happened to be waiting, the steps went through llama.cpp's OpenMP
 build from four threads, each with a team of worker threads that spin after a step: a 4-row
-step took 129 ms on two cores, 65 ms from one runner thread.) A batch of steps runs once every decoding session has submitted its
-step, or once the oldest step has waited ``max_wait_s`` (a session whose caller is slow
-delays the others by no more). Prefill chunks of requests that are joining run one at a time
-between step batches, so a long prompt delays running answers by one chunk at most.
+step took 129 ms on two cores, 65 ms from one runner thread.) A batch of steps runs once
+every decoding session has submitted its step, or once the oldest step has waited
+``max_wait_s`` (a session whose caller is slow delays the others by no more). Prefill chunks
+of requests that are joining run one at a time between step batches, so a long prompt
+delays running answers by one chunk at most.
 """
 
 import threading
 import time
 from typing import Any, Callable, List, Optional
+import weakref
 
 
 class _Job:
@@ -58,12 +60,13 @@ class StepBatcher:
     """
     Runs sessions' decode steps together and prefill chunks in between.
 
-    ``run_steps(list of StepJob)`` performs one decoder call for all the jobs and sets each
-    job's result (its logits) or error.
+    ``run_steps(list of StepJob)``, a bound method of the decoder, performs one decoder call
+    for all the jobs and sets each job's result (its logits) or error. It is held weakly: the
+    runner thread must not keep a decoder nobody uses alive (its close stops the runner).
     """
 
     def __init__(self, run_steps: Callable[[List[StepJob]], None], max_wait_s: float = 0.05):
-        self._run_steps = run_steps
+        self._run_steps = weakref.WeakMethod(run_steps)
         self._max_wait = max_wait_s
         self._cond = threading.Condition()
         self._queue: List[_Job] = []
@@ -126,22 +129,32 @@ class StepBatcher:
         return len(steps) == 1 or set(steps) >= self._decoding
 
     def _run(self):
-        while True:
-            with self._cond:
-                while True:
-                    if self._stopping:
-                        return
-                    work, wait = self._pick()
-                    if work is not None:
-                        break
-                    self._cond.wait(wait)
-                for item in work:
-                    self._queue.remove(item)
-            try:
-                self._execute(work)
-            finally:
-                for item in work:
-                    item.done.set()
+        while self._run_once():
+            pass
+
+    def _run_once(self):
+        """
+        Run the next work; return False once stopping.
+
+        Its locals (jobs that reference the decoder) end with the call, so a waiting runner
+        does not keep the decoder alive.
+        """
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return False
+                work, wait = self._pick()
+                if work is not None:
+                    break
+                self._cond.wait(wait)
+            for item in work:
+                self._queue.remove(item)
+        try:
+            self._execute(work)
+        finally:
+            for item in work:
+                item.done.set()
+        return True
 
     def _pick(self):
         """Return (jobs to run now, None) or (None, seconds to wait at most)."""
@@ -166,7 +179,10 @@ class StepBatcher:
                 job.error = exc
             return
         try:
-            self._run_steps([StepJob(job) for job in work])
+            run_steps = self._run_steps()
+            if run_steps is None:
+                raise RuntimeError('the decoder was closed')
+            run_steps([StepJob(job) for job in work])
         except BaseException as exc:  # noqa: B902 -- every caller of the batch hears of it
             for job in work:
                 if job.error is None and job.result is None:
