@@ -103,3 +103,17 @@ def test_detect_asks_the_grounding_question_per_label_and_annotates(tmp_path):
 def test_detect_needs_an_image():
     out = run(cached_test_model('a'), '--detect', 'cup')
     assert out.returncode == 2 and '--detect and --annotate need an image' in out.stderr
+
+
+def test_annotate_refuses_a_name_without_an_image_extension_before_loading(tmp_path):
+    out = run(cached_test_model('a'), frame_file(tmp_path), '--detect', 'cup',
+              '--annotate', tmp_path / 'drawn.txt')
+    assert out.returncode == 2 and 'image extension' in out.stderr
+    assert 'Traceback' not in out.stderr
+
+
+def test_annotate_into_a_missing_folder_is_an_error_not_a_traceback(tmp_path):
+    out = run(cached_test_model('a'), frame_file(tmp_path), '--detect', 'cup',
+              '--max-new-tokens', '4', '--annotate', tmp_path / 'missing' / 'drawn.png')
+    assert out.returncode == 1 and 'cannot write' in out.stderr
+    assert 'Traceback' not in out.stderr

@@ -157,9 +157,15 @@ def test_node_answers_about_a_scene_with_the_embedded_default(node_process, ros_
     image_pub = ros_client.node.create_publisher(_image_msg_type(), 'image',
                                                  rclpy.qos.qos_profile_sensor_data)
     prompt_pub = ros_client.node.create_publisher(String, 'prompt', 10)
-    time.sleep(1.0)  # discovery
-    image_pub.publish(_image_msg(scenes.render(scene, 160)))
+    # Discovery first (a fixed 1 s was not always enough on a busy machine: frame and first
+    # prompt lost), then the frame three times, as a camera keeps sending (best effort).
+    _wait(lambda: image_pub.get_subscription_count() > 0 and
+          prompt_pub.get_subscription_count() > 0 and
+          ros_client.node.count_publishers('/result') > 0, timeout=30)
     time.sleep(0.5)
+    for _ in range(3):
+        image_pub.publish(_image_msg(scenes.render(scene, 160)))
+        time.sleep(0.2)
     prompt_pub.publish(String(data=f'What colour is the {item.shape}?'))
     _wait(lambda: len(results) >= 1)
     prompt_pub.publish(String(data=f'What shape is the {item.colour} object?'))

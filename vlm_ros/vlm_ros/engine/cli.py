@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import os
 import sys
 
+from vlm_ros.engine import images
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import VlmError
 from vlm_ros.engine.model_files import ONNX_VARIANTS
@@ -44,24 +46,34 @@ def build_parser():
     return p
 
 
-def _detect(pipe, args, kwargs):
+def _detect(pipe, rgbs, args, kwargs):
     """Ask the family's grounding question per label; return the merged Result."""
     from vlm_ros.engine import grounding
 
     template = pipe.family.info.grounding_prompt
     if not template:
         raise VlmError(f'{pipe.family.info.display_name} was not trained to locate objects')
-    return grounding.detect(pipe, args.images, grounding.prompts(template, args.detect),
+    return grounding.detect(pipe, rgbs, grounding.prompts(template, args.detect),
                             args.system, **kwargs)
 
 
-def _write_annotated(path, image_path, boxes):
-    """Write ``image_path`` with ``boxes`` drawn to ``path``."""
+def _image_format(path):
+    """Return the Pillow format ``path``'s extension names, or None."""
     from PIL import Image
 
-    from vlm_ros.engine import annotate, images
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
 
-    Image.fromarray(annotate.draw_boxes(images.to_rgb(image_path), boxes)).save(path)
+
+def _write_annotated(path, rgb, boxes):
+    """Write ``rgb`` with ``boxes`` drawn to ``path``."""
+    from PIL import Image
+
+    from vlm_ros.engine import annotate
+
+    try:
+        Image.fromarray(annotate.draw_boxes(rgb, boxes)).save(path, _image_format(path))
+    except (OSError, ValueError) as exc:
+        raise VlmError(f'cannot write {path}: {exc}') from exc
 
 
 def main(argv=None):
@@ -70,6 +82,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.detect or args.annotate) and not args.images:
         parser.error('--detect and --annotate need an image')
+    if args.annotate and _image_format(args.annotate) is None:
+        parser.error(f'--annotate {args.annotate}: give a file name with an image extension '
+                     '(.png, .jpg, ...)')
     from vlm_ros.engine.loader import pipeline
     try:
         pipe = pipeline(args.model_dir, vision_model=args.vision_model,
@@ -81,12 +96,14 @@ def main(argv=None):
                   'temperature': args.temperature, 'top_k': args.top_k, 'top_p': args.top_p,
                   'repetition_penalty': args.repetition_penalty, 'seed': args.seed,
                   'num_beams': args.beams, 'stop': tuple(args.stop)}
+        # Decoded once: the annotated image is the first one as the model got it.
+        rgbs = [images.to_rgb(path) for path in args.images]
         if args.detect:
-            result = _detect(pipe, args, kwargs)
+            result = _detect(pipe, rgbs, args, kwargs)
         else:
-            result = pipe.generate(args.images, args.prompt, args.system, **kwargs)
+            result = pipe.generate(rgbs, args.prompt, args.system, **kwargs)
         if args.annotate:
-            _write_annotated(args.annotate, args.images[0], result.detections)
+            _write_annotated(args.annotate, rgbs[0], result.detections)
     except VlmError as exc:
         print(f'vlm_ask: {exc}', file=sys.stderr)
         return 1

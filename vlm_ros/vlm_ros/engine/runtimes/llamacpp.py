@@ -275,7 +275,6 @@ class LlamaCppDecoder(NativeResource):
         self._tokens = _Batch(L, self.n_batch, 0)
         self._batches.append(self._tokens)
         self._embeds: Optional[_Batch] = None
-        self._should_stop = None
         self._eog: Optional[List[int]] = None
         # Every call on the context (decode, memory, logits) holds this lock; the batcher
         # decides whose work runs, the lock keeps sessions' bookkeeping out of its way.
