@@ -3,9 +3,9 @@ Worker threads answering requests in order, with a bounded waiting line.
 
 The model runs one request at a time (it uses every core), or as many as its decoder batches
 (``set_concurrency``); callers beyond the line's capacity are refused at once instead of
-piling up. Cancellation is cooperative: the engine
-polls ``Job.should_stop`` between tokens. A job reports its end through ``on_done`` (topics,
-action) or ``wait`` (a blocking service callback).
+piling up. Cancellation is cooperative: the engine polls ``Job.should_stop`` between tokens.
+A job reports its end through ``on_done`` (topics, action) or ``wait`` (a blocking service
+callback).
 """
 
 import collections

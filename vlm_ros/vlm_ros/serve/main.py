@@ -155,7 +155,7 @@ def served_name(args, spec):
 
 
 def server_options(args, params):
-    """Return (api key or None, queue size, image policy), checked."""
+    """Return (api key or None, queue size, max_concurrent, image policy), checked."""
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env, '')
@@ -165,8 +165,9 @@ def server_options(args, params):
     queue_size = _pick(args.queue_size, params, 'queue_size', 4)
     if queue_size < 1:
         raise UsageError(f'--queue-size must be at least 1, got {queue_size}')
-    if _pick(args.max_concurrent, params, 'max_concurrent', 1) < 1:
-        raise UsageError('--max-concurrent must be at least 1')
+    max_concurrent = _pick(args.max_concurrent, params, 'max_concurrent', 1)
+    if max_concurrent < 1:
+        raise UsageError(f'--max-concurrent must be at least 1, got {max_concurrent}')
     if args.max_body_mb <= 0 or args.image_fetch_timeout <= 0:
         raise UsageError('--max-body-mb and --image-fetch-timeout must be positive')
     image_dir = None
@@ -177,7 +178,7 @@ def server_options(args, params):
     policy = ImagePolicy(allow_http=args.allow_image_urls, image_dir=image_dir,
                          max_bytes=int(args.max_body_mb * MIB),
                          fetch_timeout_s=args.image_fetch_timeout)
-    return api_key, queue_size, policy
+    return api_key, queue_size, max_concurrent, policy
 
 
 def main(argv=None):
@@ -193,7 +194,7 @@ def main(argv=None):
     from vlm_ros.engine.loader import build
     try:
         params = settings.read_params_file(args.params_file) if args.params_file else None
-        api_key, queue_size, policy = server_options(args, params)
+        api_key, queue_size, max_concurrent, policy = server_options(args, params)
         defaults = generation_defaults(args, params)
         spec = resolve_model(args, params)
     except (UsageError, settings.ParamsFileError, VlmError) as exc:
@@ -205,8 +206,7 @@ def main(argv=None):
         answerer = build(spec, n_threads=_pick(args.threads, params, 'n_threads', 0),
                          n_ctx=_pick(args.n_ctx, params, 'n_ctx', 0), defaults=defaults,
                          n_gpu_layers=_pick(args.n_gpu_layers, params, 'n_gpu_layers', 0),
-                         max_concurrent=_pick(args.max_concurrent, params, 'max_concurrent',
-                                              1),
+                         max_concurrent=max_concurrent,
                          providers=_pick(args.onnx_providers, params, 'onnx_providers',
                                          None),
                          image_options=ImageOptions(

@@ -518,7 +518,7 @@ class LlamaCppDecoder(NativeResource):
         with self._lock:
             batch.input[:n] = chunk
             batch.pos[:n] = np.arange(pos, pos + n, dtype=np.int32)
-            batch.set_seqs(n, None if seq == 0 else [seq] * n)
+            batch.set_seqs(n, [seq] * n)
             batch.logits[:n] = 0
             if last:
                 batch.logits[n - 1] = 1
@@ -563,15 +563,22 @@ class LlamaCppDecoder(NativeResource):
         if self._batcher is not None:
             return self._batcher.step(session, ids)
         with self._lock:
-            batch = self._tokens
-            rows = len(ids)
-            batch.input[:rows] = ids
-            batch.pos[:rows] = session.length
-            batch.set_seqs(rows, session.seqs)
-            batch.logits[:rows] = 1
-            self._decode(batch, rows, answering=True)
+            rows = self._put_steps([(session, ids)])
+            self._decode(self._tokens, rows, answering=True)
             session.length += 1
             return self._logits(rows)
+
+    def _put_steps(self, steps):
+        """Fill the token batch with one step of each (session, tokens); return its rows."""
+        batch, rows = self._tokens, 0
+        for session, tokens in steps:
+            n = len(tokens)
+            batch.input[rows:rows + n] = tokens
+            batch.pos[rows:rows + n] = session.length
+            rows += n
+        batch.set_seqs(rows, [seq for session, _ in steps for seq in session.seqs])
+        batch.logits[:rows] = 1
+        return rows
 
     def _run_steps(self, jobs):
         """Decode one step of several sessions in one llama_decode (the batcher's runner)."""
@@ -582,16 +589,9 @@ class LlamaCppDecoder(NativeResource):
             jobs = sorted((job for job in jobs if not self._failed_closed(job)),
                           key=lambda job: job.session.seqs[0])
             while jobs:
-                batch, rows = self._tokens, 0
-                for job in jobs:
-                    n = len(job.tokens)
-                    batch.input[rows:rows + n] = job.tokens
-                    batch.pos[rows:rows + n] = job.session.length
-                    rows += n
-                batch.set_seqs(rows, [seq for job in jobs for seq in job.session.seqs])
-                batch.logits[:rows] = 1
+                rows = self._put_steps([(job.session, job.tokens) for job in jobs])
                 try:
-                    self._decode(batch, rows, answering=True)
+                    self._decode(self._tokens, rows, answering=True)
                 except PromptTooLongError as exc:
                     # No cell left for all of them: the batch's last answer gives up, the
                     # others try again (llama.cpp placed none of the batch's cells).
@@ -724,8 +724,8 @@ class _Batch:
         self._current = np.zeros(capacity, dtype=np.int64)  # what each entry holds now
 
     def set_seqs(self, n, seqs):
-        """Sequence ids of the first ``n`` entries (None: all sequence 0)."""
-        want = np.zeros(n, dtype=np.int64) if seqs is None else np.asarray(seqs, np.int64)
+        """Sequence ids of the first ``n`` entries."""
+        want = np.asarray(seqs, dtype=np.int64)
         for i in np.flatnonzero(self._current[:n] != want).tolist():
             self._seq[i][0] = int(want[i])
         self._current[:n] = want
