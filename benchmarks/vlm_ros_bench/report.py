@@ -91,7 +91,79 @@ def decode_overhead(runs):
     return out
 
 
+TTFT_TARGET = 0.20
+"""First token of int8 vision + a quantized GGUF, as a fraction of the reference's."""
+PREPROCESS_TARGET_MS = 20.0
+RSS_TARGET = 1.2
+"""Peak RSS against raw llama.cpp's peak on the same GGUF plus the vision encoder file."""
+
+
+def _first_token_ms(run):
+    t = run['timings']
+    parts = [t[k]['median'] for k in ('preprocess_ms', 'vision_ms', 'prefill_ms') if t.get(k)]
+    return sum(parts) if parts else None
+
+
+def engine_targets(runs, manifests):
+    """
+    Set the int8-vision + quantized-GGUF paths against the engine-speed issue's targets.
+
+    First token = preprocess + vision + prefill medians, against transformers' in the same
+    run; peak RSS against 1.2 x (raw llama.cpp's peak on the same GGUF + the vision file).
+    """
+    by_key = {(r['model'], r['split'], r['path']): r for r in runs if r['status'] == 'ok'}
+    model_dirs = {m['name']: m['model_dir'] for m in manifests}
+    out = []
+    for r in runs:
+        info = r['path_info']
+        if r['status'] != 'ok' or info['kind'] != 'pipeline' or \
+                info['onnx_variant'] != 'int8' or not info['gguf_type']:
+            continue
+        ref = by_key.get((r['model'], r['split'], 'transformers-fp32'))
+        raw = by_key.get((r['model'], r['split'], f'llamacpp-raw-{info["gguf_type"]}'))
+        vision = r['files'].get('vision_model')
+        vision_path = vision if not vision or os.path.isabs(vision) else \
+            os.path.join(model_dirs.get(r['model'], ''), vision)
+        vision_mb = os.path.getsize(vision_path) / 2 ** 20 if vision_path and \
+            os.path.isfile(vision_path) else None
+        ttft, ref_ttft = _first_token_ms(r), _first_token_ms(ref) if ref else None
+        bound = RSS_TARGET * (raw['peak_rss_mb'] + vision_mb) if raw and vision_mb and \
+            raw['peak_rss_mb'] else None
+        out.append({
+            'model': r['model'], 'split': r['split'], 'path': r['path'],
+            'preprocess_ms': r['timings']['preprocess_ms']['median'],
+            'first_token_ms': ttft, 'reference_first_token_ms': ref_ttft,
+            'first_token_fraction': ttft / ref_ttft if ttft and ref_ttft else None,
+            'peak_rss_mb': r['peak_rss_mb'],
+            'raw_peak_rss_mb': raw['peak_rss_mb'] if raw else None,
+            'vision_file_mb': vision_mb, 'peak_rss_bound_mb': bound})
+    return out
+
+
 # -- markdown -------------------------------------------------------------------------------
+
+def _targets_section(targets):
+    if not targets:
+        return []
+    lines = ['## Engine-speed targets: first token and memory', '',
+             'First token = preprocess + vision + prefill (medians), against the transformers '
+             f'reference in this run (target <= {_pct(TTFT_TARGET)}; preprocessing <= '
+             f'{PREPROCESS_TARGET_MS:.0f} ms). Peak RSS against {RSS_TARGET} x (raw llama.cpp\'s '
+             'peak on the same GGUF + the vision encoder file).', '',
+             '| model | split | path | preprocess ms | first token ms | reference ms | '
+             'fraction | peak RSS MiB | bound MiB (raw + vision file) |',
+             '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for t in targets:
+        raw = t['raw_peak_rss_mb']
+        bound = (f'{_fmt(t["peak_rss_bound_mb"], 0)} ({_fmt(raw, 0)} + '
+                 f'{_fmt(t["vision_file_mb"], 0)})') if t['peak_rss_bound_mb'] else '–'
+        lines.append(f'| {t["model"]} | {"on" if t["split"] else "off"} | {t["path"]} | '
+                     f'{_fmt(t["preprocess_ms"])} | {_fmt(t["first_token_ms"])} | '
+                     f'{_fmt(t["reference_first_token_ms"])} | '
+                     f'{_pct(t["first_token_fraction"])} | {_fmt(t["peak_rss_mb"], 0)} | '
+                     f'{bound} |')
+    return lines + ['']
+
 
 def _fmt(value, digits=1):
     if value is None:
@@ -220,6 +292,7 @@ def markdown(doc):
                          f'({100 * o["overhead_fraction"]:+.0f}%) |')
         lines.append('')
     lines += _paired_section(doc.get('overhead_paired'))
+    lines += _targets_section(doc.get('engine_targets'))
     ros = doc['ros_overhead']
     lines += ['## ROS overhead', '']
     if ros['status'] != 'ok':

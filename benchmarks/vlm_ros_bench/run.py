@@ -371,6 +371,7 @@ def run(args, argv):
         'models': manifests,
         'runs': runs,
         'decode_overhead': report.decode_overhead(runs),
+        'engine_targets': report.engine_targets(runs, manifests),
         'overhead_paired': paired,
         'ros_overhead': ros,
         'action': action,

@@ -115,6 +115,11 @@ CONCURRENCY = {'status': str, 'error': opt(str), 'model': opt(str), 'path': str,
                'one_frame_levels': ListOf(CONCURRENCY_LEVEL)}
 OVERHEAD = {'model': str, 'split': bool, 'gguf_type': str, 'path': str, 'pipeline_tpot_ms': NUM,
             'raw_tpot_ms': NUM, 'overhead_ms_per_token': NUM, 'overhead_fraction': NUM}
+TARGET = {'model': str, 'split': bool, 'path': str, 'preprocess_ms': NUM,
+          'first_token_ms': opt(NUM), 'reference_first_token_ms': opt(NUM),
+          'first_token_fraction': opt(NUM), 'peak_rss_mb': opt(NUM),
+          'raw_peak_rss_mb': opt(NUM), 'vision_file_mb': opt(NUM),
+          'peak_rss_bound_mb': opt(NUM)}
 DOCUMENT = {
     'schema_version': int, 'created': str, 'command': str, 'mode': str, 'note': opt(str),
     'duration_s': NUM,
@@ -123,7 +128,8 @@ DOCUMENT = {
                  'group_splits': bool, 'paths': ListOf(str), 'models': ListOf(str),
                  'ignore_eos': bool},
     'machine': MACHINE, 'hardware': HARDWARE, 'models': ListOf(MODEL), 'runs': ListOf(RUN),
-    'decode_overhead': ListOf(OVERHEAD), 'overhead_paired': opt(PAIRED),
+    'decode_overhead': ListOf(OVERHEAD), 'engine_targets': ListOf(TARGET),
+    'overhead_paired': opt(PAIRED),
     'ros_overhead': ROS, 'action': ACTION,
     'reuse': ListOf(REUSE), 'concurrency': opt(CONCURRENCY),
     'artifacts': {'json': str, 'markdown': str, 'chart': opt(str), 'chart_skipped': opt(str)},

@@ -70,6 +70,20 @@ def test_reuse_measured(tiny_results):
     assert '## Reuse: feature and prefix caches' in (out / 'tiny.md').read_text()
 
 
+def test_engine_targets_set_against_the_reference_and_raw(tiny_results):
+    out, doc, _ = tiny_results
+    rows = {(t['path'], t['split']): t for t in doc['engine_targets']}
+    assert set(rows) == {(p, split) for p in ('onnx-int8-vision+llamacpp-q8_0',
+                                             'onnx-int8-vision+llamacpp-q4_0')
+                         for split in (False, True)}
+    for t in rows.values():
+        assert 0 < t['first_token_ms'] and 0 < t['first_token_fraction']
+        assert t['first_token_ms'] == pytest.approx(
+            t['first_token_fraction'] * t['reference_first_token_ms'])
+        assert t['peak_rss_bound_mb'] > t['raw_peak_rss_mb'] > 0 and t['vision_file_mb'] > 0
+    assert '## Engine-speed targets' in (out / 'tiny.md').read_text()
+
+
 def test_every_path_and_split_ran(tiny_results):
     _, doc, _ = tiny_results
     ran = {(r['path'], r['split']) for r in doc['runs']}

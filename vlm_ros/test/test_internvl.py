@@ -356,17 +356,28 @@ def test_llamacpp_first_logits_match_pytorch(model, gguf_pipes):
     assert np.abs(default[0] - expected).max() <= 0.1
 
 
-def test_quantized_ggufs_run(model, gguf_pipes, capsys):
+def test_quantized_ggufs_run(model, gguf_pipes):
+    """
+    Q8_0's first logits stay near f32's; Q4_0 answers.
+
+    Not the greedy token itself: a random model's top two logits are often closer than
+    Q8_0's rounding moves them (seen: 0.03-0.1 apart, moved by up to 0.6), so which images
+    agree changes with any change of the features.
+    """
     variant = model[0]
-    kinds = ['small', 'wide', 'tall', 'square', 'tiny', 'photo']
-    agree = 0
-    for i, kind in enumerate(kinds):
+    for i, kind in enumerate(['small', 'wide', 'tall', 'square', 'tiny', 'photo']):
         image = _image(kind, seed=i)
-        first = gguf_pipes['f32'].generate(image, PROMPT, max_new_tokens=1).token_ids[0]
-        agree += gguf_pipes['q8_0'].generate(image, PROMPT, max_new_tokens=1).token_ids[0] \
-            == first
+        request = gguf_pipes['f32'].family.prepare(to_rgb(image), PROMPT)
+        features = gguf_pipes['f32'].vision.run(request.vision_inputs)
+        logits = {}
+        for ftype in ('f32', 'q8_0'):
+            session, first = gguf_pipes[ftype].decoder.start(
+                request.input_ids, features, request.image_token_id)
+            logits[ftype] = np.asarray(first[0], dtype=np.float64)
+            session.close()
+        exact, quantized = logits['f32'], logits['q8_0']
+        error = np.linalg.norm(quantized - exact) / np.linalg.norm(exact - exact.mean())
+        assert error <= 0.15, f'variant {variant}, {kind}: Q8_0 logits off by {error:.3f}'
+        rank = int((quantized > quantized[exact.argmax()]).sum())
+        assert rank < 5, f'variant {variant}, {kind}: f32 greedy token ranks {rank} in Q8_0'
         assert gguf_pipes['q4_0'].generate(image, PROMPT, max_new_tokens=8).completion_tokens
-    with capsys.disabled():
-        print(f'\n[internvl Q8_0 variant {variant}] first greedy token equals f32 on '
-              f'{agree}/{len(kinds)} images')
-    assert agree > len(kinds) // 2

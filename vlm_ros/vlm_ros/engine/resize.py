@@ -43,7 +43,7 @@ def resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndar
     workers = _workers()
     order = None
     if workers > 1 and max(h * w, height * width) >= MIN_PIXELS and image.ndim == 3:
-        order = _order((h, w, height, width, resample), image.shape[2])
+        order = _order((h, w, height, width, resample))
     if order in (None, PILLOW_ONLY):
         return _pillow(image, height, width, resample)
     return _two_passes(image, height, width, resample, order == VERTICAL_FIRST, workers)
@@ -86,7 +86,7 @@ def _bands(image, height, width, resample, workers, axis):
     return out
 
 
-def _order(geometry, channels):
+def _order(geometry):
     """Return the learnt order of ``geometry``; start learning it when it is new."""
     with _lock:
         if geometry in _orders:
@@ -95,14 +95,20 @@ def _order(geometry, channels):
         _orders[geometry] = None
         while len(_orders) > MAX_GEOMETRIES:
             _orders.popitem(last=False)
-    cpu_pool.pool().submit(_learn, geometry, channels)
+    cpu_pool.pool().submit(_learn, geometry)
     return None
 
 
-def _learn(geometry, channels):
-    """Find which order of passes gives Pillow's bytes for ``geometry`` (background)."""
+def _learn(geometry):
+    """
+    Find which order of passes gives Pillow's bytes for ``geometry`` (background).
+
+    The probe has one channel: Pillow picks the order from the sizes alone, and a grey
+    image takes a quarter of the memory of an RGB one (Pillow keeps RGB in 4 bytes a pixel).
+    The first request of a geometry runs beside this, and its vision encoder with it.
+    """
     h, w, height, width, resample = geometry
-    probe = np.random.default_rng(0).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    probe = np.random.default_rng(0).integers(0, 256, (h, w), dtype=np.uint8)
     expected = _pillow(probe, height, width, resample)
     order = PILLOW_ONLY
     for candidate in (HORIZONTAL_FIRST, VERTICAL_FIRST):

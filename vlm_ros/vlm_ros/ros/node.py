@@ -30,7 +30,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
-from vlm_ros.engine import grounding
+from vlm_ros.engine import grounding, memory
 from vlm_ros.engine.datatypes import FINISH_CANCELLED, ImageOptions
 from vlm_ros.engine.errors import RemoteUnreachableError, VlmError
 from vlm_ros.engine.fallback import FallbackAnswerer
@@ -248,6 +248,7 @@ class VlmNode(Node):
         if answerer is not None:
             answerer.close()  # sessions or HTTP client; queue.close cancelled any request
         gc.collect()  # runtime sessions hold large buffers: free them now, not later
+        memory.trim()  # and hand them back to the system
         self.get_logger().info('sessions released')
 
     def _release(self):

@@ -63,6 +63,9 @@ class ModelFamily:
     eos_token_ids: List[int] = []
     context_length = 0
     text_hidden_size = 0
+    vision_heads = 0
+    """Attention heads of the vision encoder (0: unknown; its attention is not fused)."""
+    vision_hidden_size = 0
 
     def prepare(self, images, prompt, system_prompt='', image_options=None,
                 history=(), skip=()) -> PreparedRequest:
@@ -139,6 +142,15 @@ def read_config(model_dir, model_types: Sequence[str]):
     except (KeyError, TypeError, ValueError) as exc:
         key = 'llm_config' if 'llm_config' in config else 'text_config'
         raise ModelFilesError(f'{model_dir}/config.json lacks {key}.{exc}') from exc
+
+
+def vision_shape(config) -> Tuple[int, int]:
+    """Return ``(attention heads, hidden size)`` of ``config``'s vision encoder, 0 if unsaid."""
+    vision = config.get('vision_config') or {}
+    try:
+        return int(vision.get('num_attention_heads') or 0), int(vision.get('hidden_size') or 0)
+    except (TypeError, ValueError):
+        return 0, 0
 
 
 def int_list(value) -> List[int]:

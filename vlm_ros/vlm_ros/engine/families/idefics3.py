@@ -43,7 +43,8 @@ from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_to
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
 from vlm_ros.engine.families.base import (FamilyInfo, parse_resample, read_config,
-                                          read_eos_ids, TemplatedFamily, three_floats)
+                                          read_eos_ids, TemplatedFamily, three_floats,
+                                          vision_shape)
 from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -181,6 +182,7 @@ class Idefics3Family(TemplatedFamily):
         self.model_dir = model_dir
         config, text, self.context_length, self.text_hidden_size = read_config(
             model_dir, MODEL_TYPES)
+        self.vision_heads, self.vision_hidden_size = vision_shape(config)
         self.name = config['model_type']
         self._read_preprocessor(model_dir)
         self.tokenizer = Tokenizer(model_dir)

@@ -50,7 +50,7 @@ from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchErr
                                    UnsupportedModelError)
 from vlm_ros.engine.families.base import (FamilyInfo, parse_resample,
                                           read_config, read_eos_ids, TemplatedFamily,
-                                          three_floats)
+                                          three_floats, vision_shape)
 from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -159,6 +159,7 @@ class InternVLFamily(TemplatedFamily):
         self.model_dir = model_dir
         config, text, self.context_length, self.text_hidden_size = read_config(
             model_dir, MODEL_TYPES)
+        self.vision_heads, self.vision_hidden_size = vision_shape(config)
         self.name = config['model_type']
         self.tokenizer = Tokenizer(model_dir)
         if self.name == HF_MODEL_TYPE:
