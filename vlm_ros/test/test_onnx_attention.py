@@ -65,7 +65,7 @@ def test_every_layer_fuses_and_features_match(family, builder, variant, graph):
     encoder, vision = _encoder(_model(builder, variant), graph)
     assert encoder.fused is not None, f'{family} {variant} {graph}: nothing fused'
     assert encoder.fused.layers == vision['num_hidden_layers']
-    assert encoder.fused.model_bytes == b''  # the session has its copy; ours is dropped
+    assert encoder.fused.path == ''  # the session has read its temporary files, now deleted
     expected_masks = {'pixel_attention_mask'} if family == 'smolvlm' else set()
     assert encoder.fused.mask_inputs == expected_masks
     for seed in range(2):
@@ -116,15 +116,20 @@ def test_a_graph_that_does_not_load_fused_loads_as_exported(monkeypatch):
     model_dir = _model(model_cache.cached_test_model, 'a')
     real = onnx_attention.fuse_file
 
+    written = []
+
     def broken(path, num_heads, hidden_size):
         fused = real(path, num_heads, hidden_size)
-        fused.model_bytes = b'not a graph'
+        with open(fused.path, 'wb') as f:
+            f.write(b'not a graph')
+        written.append(os.path.dirname(fused.path))
         return fused
 
     monkeypatch.setattr(onnx_attention, 'fuse_file', broken)
     encoder, vision = _encoder(model_dir, 'vision_encoder.onnx')
     assert encoder.fused is None
     assert encoder.run(_feed(encoder, vision)).shape[-1] == encoder.hidden_size
+    assert written and not os.path.exists(written[0])  # deleted all the same
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')

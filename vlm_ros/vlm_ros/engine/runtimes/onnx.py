@@ -47,11 +47,11 @@ class SessionOptions:
         self.providers = list(providers) if providers else ['CPUExecutionProvider']
 
     def create(self, path, mem_pattern: bool = True, spinning: bool = True,
-               n_threads: Optional[int] = None, model_bytes: Optional[bytes] = None):
+               n_threads: Optional[int] = None, graph_path=None):
         """
         Open ``path`` as an InferenceSession, with a clear error when it cannot be.
 
-        ``model_bytes``: the graph of ``path`` rewritten in memory, loaded instead of the file.
+        ``graph_path``: a rewritten copy of ``path``'s graph, loaded instead of the file.
 
         ``mem_pattern`` False keeps ONNX Runtime from planning one block for all activations
         after the first run: for a graph run again and again at one shape (the vision
@@ -84,7 +84,7 @@ class SessionOptions:
                          'onnxruntime build (it has %s); %s uses %s', missing,
                          sorted(available), os.path.basename(path), providers)
         try:
-            return ort.InferenceSession(model_bytes or path, sess_options=options,
+            return ort.InferenceSession(os.fspath(graph_path or path), sess_options=options,
                                         providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelFilesError(f'cannot load ONNX model {path}: {exc}') from exc
@@ -160,18 +160,19 @@ class OnnxVisionEncoder:
                 f'language model expects {hidden_size} (files from different models?)')
         self.hidden_size = hidden_size
 
-    def _create(self, model_bytes=None):
+    def _create(self, graph_path=None):
         return self._options.create(self._path, mem_pattern=False, spinning=False,
-                                    model_bytes=model_bytes)
+                                    graph_path=graph_path)
 
     def _create_fused(self):
-        model_bytes, self.fused.model_bytes = self.fused.model_bytes, b''  # not kept
         try:
-            return self._create(model_bytes)
+            return self._create(self.fused.path)
         except ModelFilesError as exc:  # e.g. an ONNX Runtime without the fused operator
             _LOG.warning('%s: the fused graph does not load (%s); running it as exported',
                          os.path.basename(self._path), exc)
             return None
+        finally:
+            self.fused.remove()
 
     def _fuse(self, path, num_heads, vision_hidden_size):
         from vlm_ros.engine.runtimes import onnx_attention

@@ -9,8 +9,13 @@ patches take 48 MB in float32, and the Softmax writes as much again. ONNX Runtim
 on CPU in recent releases) when it has no mask: SmolVLM2-256M's int8 encoder at 512 px on
 2 cores used 117 MB of activations as exported, 54 MB fused.
 
-The rewrite happens in memory when the encoder is loaded; the files stay as exported. Each
-layer whose nodes have exactly the exported shape below is fused, any other is left alone:
+The rewrite happens when the encoder is loaded and goes to ONNX Runtime through temporary
+files, deleted once the session exists; the model's files stay as exported. The weights go
+to their own file, tensor by tensor, so the graph is never in memory twice. (Handed over as
+bytes, it was there four times while the session was created, as ONNX Runtime copies and
+then parses them: loading SmolVLM2-256M's fp32 encoder peaked at 1,471 MB instead of 756.)
+Each layer whose nodes have exactly the exported shape below is fused, any other is left
+alone:
 
     Softmax(Add?(Mul?(MatMul(Transpose(Reshape(q), 0213), Transpose(Reshape(k), 0231)),
                       scale), mask))
@@ -29,6 +34,8 @@ Python API for it). Without it, or for a graph with external data, nothing is fu
 from dataclasses import dataclass
 import logging
 import os
+import shutil
+import tempfile
 from typing import FrozenSet, Optional
 
 _LOG = logging.getLogger('vlm_ros.onnx')
@@ -39,13 +46,20 @@ _QUERY_PERM, _KEY_PERM = [0, 2, 1, 3], [0, 2, 3, 1]
 
 @dataclass
 class Fused:
-    """A rewritten graph, ready for ``InferenceSession``."""
+    """A rewritten graph, in temporary files for ``InferenceSession``."""
 
-    model_bytes: bytes
+    path: str
+    """The graph (its weights beside it); whoever creates the session deletes them."""
     layers: int
     """Attention layers fused."""
     mask_inputs: FrozenSet[str]
     """Graph inputs a dropped mask came from: frames with a False in them need the export."""
+
+    def remove(self):
+        """Delete the temporary files (once the session has read them)."""
+        if self.path:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+            self.path = ''
 
 
 def fuse_file(path, num_heads: int, hidden_size: int) -> Optional[Fused]:
@@ -66,7 +80,16 @@ def fuse_file(path, num_heads: int, hidden_size: int) -> Optional[Fused]:
     layers, masks = fuse(model, num_heads, hidden_size)
     if not layers:
         return None
-    return Fused(model.SerializeToString(), layers, frozenset(masks))
+    fused = Fused(os.path.join(tempfile.mkdtemp(prefix='vlm_ros_fused_'), 'graph.onnx'),
+                  layers, frozenset(masks))
+    try:
+        # Each tensor is written out and cleared in turn, then the graph, now small.
+        onnx.save_model(model, fused.path, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location='weights.bin')
+    except BaseException:
+        fused.remove()
+        raise
+    return fused
 
 
 def fuse(model, num_heads: int, hidden_size: int):
@@ -242,9 +265,10 @@ class _Graph:
         kept.reverse()
         del self.graph.node[:]
         self.graph.node.extend(kept)
-        weights = [t for t in self.graph.initializer if t.name in live]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(weights)
+        weights = self.graph.initializer
+        for i in reversed(range(len(weights))):  # in place: extend() would copy every weight
+            if weights[i].name not in live:
+                del weights[i]
 
 
 def _perm(node):
