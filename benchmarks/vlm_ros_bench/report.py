@@ -148,8 +148,8 @@ def _targets_section(targets):
     lines = ['## Engine-speed targets: first token and memory', '',
              'First token = preprocess + vision + prefill (medians), against the transformers '
              f'reference in this run (target <= {_pct(TTFT_TARGET)}; preprocessing <= '
-             f'{PREPROCESS_TARGET_MS:.0f} ms). Peak RSS against {RSS_TARGET} x (raw llama.cpp\'s '
-             'peak on the same GGUF + the vision encoder file).', '',
+             f'{PREPROCESS_TARGET_MS:.0f} ms). Peak RSS against {RSS_TARGET} x (the peak of raw '
+             'llama.cpp on the same GGUF + the vision encoder file).', '',
              '| model | split | path | preprocess ms | first token ms | reference ms | '
              'fraction | peak RSS MiB | bound MiB (raw + vision file) |',
              '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']

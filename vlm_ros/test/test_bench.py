@@ -73,9 +73,8 @@ def test_reuse_measured(tiny_results):
 def test_engine_targets_set_against_the_reference_and_raw(tiny_results):
     out, doc, _ = tiny_results
     rows = {(t['path'], t['split']): t for t in doc['engine_targets']}
-    assert set(rows) == {(p, split) for p in ('onnx-int8-vision+llamacpp-q8_0',
-                                             'onnx-int8-vision+llamacpp-q4_0')
-                         for split in (False, True)}
+    paths = ('onnx-int8-vision+llamacpp-q8_0', 'onnx-int8-vision+llamacpp-q4_0')
+    assert set(rows) == {(p, split) for p in paths for split in (False, True)}
     for t in rows.values():
         assert 0 < t['first_token_ms'] and 0 < t['first_token_fraction']
         assert t['first_token_ms'] == pytest.approx(
