@@ -76,7 +76,7 @@ def fuse_file(path, num_heads: int, hidden_size: int) -> Optional[Fused]:
         return None
     model = onnx.load(os.fspath(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return None  # the bytes would not say where the data lives
+        return None  # its weights live beside it, where a copy elsewhere would not look
     layers, masks = fuse(model, num_heads, hidden_size)
     if not layers:
         return None
