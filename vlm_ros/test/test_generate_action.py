@@ -211,6 +211,9 @@ def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node):
     queued.cancel()
     status, result = queued.result(timeout=5)
     assert status == GoalStatus.STATUS_CANCELED and 'before it started' in result.error
+    deadline = time.monotonic() + 5.0  # the result may overtake the feedback (Goal.result)
+    while not queued.feedback and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert {f.phase for f in queued.feedback} == {'queued'}
     running.cancel()
     assert running.result()[0] == GoalStatus.STATUS_CANCELED
