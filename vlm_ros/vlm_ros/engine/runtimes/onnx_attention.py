@@ -69,6 +69,8 @@ def fuse_file(path, num_heads: int, hidden_size: int) -> Optional[Fused]:
     ``num_heads`` and ``hidden_size`` are the encoder's, from the model's config: a layer
     whose reshapes say otherwise is not fused.
     """
+    if not _head_size(num_heads, hidden_size):
+        return None  # before reading the graph: without the config's shapes nothing fuses
     try:
         import onnx
     except ImportError:
@@ -100,10 +102,11 @@ def fuse(model, num_heads: int, hidden_size: int):
     """
     from onnx import helper
 
-    if num_heads <= 0 or hidden_size <= 0 or hidden_size % num_heads:
+    head_size = _head_size(num_heads, hidden_size)
+    if not head_size:
         return 0, set()
     opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), 0)
-    graph = _Graph(model.graph, num_heads, hidden_size // num_heads, opset)
+    graph = _Graph(model.graph, num_heads, head_size, opset)
     replaced, masks = {}, set()
     for softmax in [n for n in model.graph.node if n.op_type == 'Softmax']:
         match = graph.match(softmax)
@@ -269,6 +272,13 @@ class _Graph:
         for i in reversed(range(len(weights))):  # in place: extend() would copy every weight
             if weights[i].name not in live:
                 del weights[i]
+
+
+def _head_size(num_heads, hidden_size):
+    """Return the size of one head, 0 when the config's shapes cannot be a split in heads."""
+    if num_heads <= 0 or hidden_size <= 0 or hidden_size % num_heads:
+        return 0
+    return hidden_size // num_heads
 
 
 def _perm(node):
