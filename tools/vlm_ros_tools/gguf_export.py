@@ -1,13 +1,16 @@
 """
-Write GGUF files for llama.cpp from the PyTorch weights of (tiny) SmolVLM checkpoints.
+Write GGUF files for llama.cpp from the PyTorch weights of (tiny) vision-language checkpoints.
 
 ``export_text_gguf`` writes the language model the way llama.cpp's ``convert_hf_to_gguf.py``
-does for ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (tensor names, the rotary permutation
-of Q and K for the ``llama`` architecture, hyperparameters and a GPT-2 style BPE vocabulary
-in the metadata), so that llama.cpp and transformers can be compared on the same weights.
+does for ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen2VLForConditionalGeneration``
+(tensor names, the rotary permutation of Q and K for the ``llama`` architecture, the M-RoPE
+sections of ``qwen2vl``, hyperparameters and a GPT-2 style BPE vocabulary in the metadata),
+so that llama.cpp and transformers can be compared on the same weights.
 ``export_mmproj_gguf`` writes the vision tower and connector as a ``clip`` projector file
-(``--mmproj`` in the converter, projector type ``idefics3``). ``cached_gguf`` and
-``cached_mmproj`` export the tiny test models of ``export_onnx.cached_test_model`` once.
+(``--mmproj`` in the converter): projector type ``idefics3`` for SmolVLM, ``qwen2vl_merger``
+for Qwen2-VL and ``qwen2.5vl_merger`` for Qwen2.5-VL. ``cached_gguf`` and ``cached_mmproj``
+export the tiny test models of ``export_onnx.cached_test_model`` once,
+``cached_qwen2vl_gguf`` and ``cached_qwen2vl_mmproj`` those of ``qwen2vl_factory``.
 """
 
 import hashlib
@@ -19,7 +22,9 @@ import tempfile
 import numpy as np
 
 FTYPES = ('f32', 'f16', 'q8_0', 'q4_0')
-ARCHS = ('llama', 'qwen2')
+ARCHS = ('llama', 'qwen2', 'qwen2vl')
+# Architectures with qwen2's tensor layout: HF's rotary layout kept, Q/K/V biases.
+_QWEN2_LAYOUT = ('qwen2', 'qwen2vl')
 # Pre-tokenizer for the SmolLM2 / SmolVLM vocabulary: digits one by one, then the GPT-2
 # regex -- exactly what the tiny tokenizer.json does (checked in the tests).
 DEFAULT_PRE_TOKENIZER = 'smollm'
@@ -28,6 +33,13 @@ _TEXT_PREFIXES = ('model.text_model.', 'model.language_model.', 'language_model.
                   'model.')
 _LM_HEAD_NAMES = ('lm_head.weight', 'language_model.lm_head.weight')
 _VISION_PREFIXES = ('model.vision_model.', 'vision_model.', 'model.vision_tower.')
+# Qwen2-VL's vision tower: ``visual.`` in hub checkpoints, ``model.visual.`` in transformers 5.
+_QWEN2VL_VISION_PREFIXES = ('model.visual.', 'visual.')
+# config.json ``model_type`` -> llama.cpp projector type (``gguf.VisionProjectorType``).
+QWEN2VL_PROJECTORS = {'qwen2_vl': 'qwen2vl_merger', 'qwen2_5_vl': 'qwen2.5vl_merger'}
+# Qwen2VLImageProcessor's defaults (OpenAI CLIP), for a loaded model without its folder.
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _CONNECTOR = ('model.connector.modality_projection.proj.weight',
               'connector.modality_projection.proj.weight')
 
@@ -81,9 +93,9 @@ class _Source:
                 out['lm_head.weight'] = self.weights[name]
         return out
 
-    def vision_weights(self):
+    def vision_weights(self, prefixes=_VISION_PREFIXES):
         """Vision tower weights keyed by names relative to the vision model."""
-        for prefix in _VISION_PREFIXES:
+        for prefix in prefixes:
             out = {k[len(prefix):]: v for k, v in self.weights.items() if k.startswith(prefix)}
             if out:
                 return out
@@ -123,6 +135,25 @@ def _rope_theta(text):
     return float(params.get('rope_theta', text.get('rope_theta', 10000.0)))
 
 
+def _mrope_sections(config):
+    """
+    Return the M-RoPE sections of a Qwen2-VL config, padded to llama.cpp's four entries.
+
+    transformers 5 saves them in ``text_config.rope_parameters``; the hub configs of the
+    official checkpoints keep them in a ``rope_scaling`` dict, top level or in ``text_config``.
+    """
+    text = config.get('text_config') or {}
+    for holder in (text, config):
+        for key in ('rope_parameters', 'rope_scaling'):
+            section = (holder.get(key) or {}).get('mrope_section')
+            if section:
+                section = [int(x) for x in section]
+                if len(section) > 4:
+                    raise ValueError(f'mrope_section {section} has more than 4 entries')
+                return section + [0] * (4 - len(section))
+    raise ValueError('no mrope_section in the config (rope_parameters / rope_scaling)')
+
+
 def _tensor_data(array, qtype):
     """Return ``(data, raw_dtype)`` for the writer: 1-D stays float32, like the converter."""
     gguf = _gguf()
@@ -150,8 +181,10 @@ def export_text_gguf(model_dir_or_hf_model, out_path, arch='llama', ftype='f32',
 
     ``arch`` ``llama`` permutes Q/K for llama.cpp's rotary layout; ``qwen2`` keeps HF's
     layout (llama.cpp runs it with NEOX rope) and writes Q/K/V biases (zero when the source
-    has none), so the same weights exercise both code paths. ``ftype`` is ``f32``, ``f16``,
-    ``q8_0`` or ``q4_0`` (2-D weights; norms stay float32). Returns ``out_path``.
+    has none), so the same weights exercise both code paths. ``qwen2vl`` is the language
+    model of Qwen2-VL / Qwen2.5-VL: qwen2's layout plus the M-RoPE sections
+    (``qwen2vl.rope.dimension_sections``). ``ftype`` is ``f32``, ``f16``, ``q8_0`` or
+    ``q4_0`` (2-D weights; norms stay float32). Returns ``out_path``.
     """
     gguf = _gguf()
     if arch not in ARCHS:
@@ -159,6 +192,9 @@ def export_text_gguf(model_dir_or_hf_model, out_path, arch='llama', ftype='f32',
     qtype, file_type = _qtype(ftype)
     src = _Source(model_dir_or_hf_model, tokenizer_dir)
     text = src.text
+    if arch == 'qwen2vl':
+        # Hub configs of the official checkpoints keep the text hyperparameters at the top.
+        text = {**{k: v for k, v in src.config.items() if not k.endswith('_config')}, **text}
     weights = src.text_weights()
     n_head = int(text['num_attention_heads'])
     n_head_kv = int(text.get('num_key_value_heads') or n_head)
@@ -179,6 +215,8 @@ def export_text_gguf(model_dir_or_hf_model, out_path, arch='llama', ftype='f32',
     writer.add_rope_freq_base(_rope_theta(text))
     writer.add_layer_norm_rms_eps(float(text.get('rms_norm_eps', 1e-6)))
     writer.add_rope_dimension_count(head_dim)
+    if arch == 'qwen2vl':
+        writer.add_rope_dimension_sections(_mrope_sections(src.config))
     if head_dim * n_head != hidden:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -195,7 +233,7 @@ def export_text_gguf(model_dir_or_hf_model, out_path, arch='llama', ftype='f32',
             for kind in ('weight', 'bias'):
                 tensor = weights.get(f'{p}self_attn.{hf}_proj.{kind}')
                 if tensor is None:
-                    if kind == 'bias' and arch == 'qwen2':
+                    if kind == 'bias' and arch in _QWEN2_LAYOUT:
                         rows = weights[f'{p}self_attn.{hf}_proj.weight'].shape[0]
                         tensor = np.zeros(rows, dtype=np.float32)
                     else:
@@ -314,16 +352,23 @@ def _add_vocab(writer, src, vocab_size, pre_tokenizer):
 
 def export_mmproj_gguf(model_dir_or_hf_model, out_path, ftype='f32', preproc_image_size=None):
     """
-    Write the vision tower and connector of a SmolVLM / Idefics3 checkpoint as an mmproj GGUF.
+    Write the vision tower and connector of a checkpoint as an mmproj GGUF; return out_path.
 
-    Follows ``convert_hf_to_gguf.py --mmproj`` for ``SmolVLMForConditionalGeneration``:
-    architecture ``clip``, projector type ``idefics3``, tensors ``v.*`` and ``mm.model.fc``.
-    ``preproc_image_size`` overrides the longest edge llama.cpp resizes to before tiling
-    (default: the preprocessor's ``size.longest_edge``; the tile size disables splitting).
+    Follows ``convert_hf_to_gguf.py --mmproj``, chosen by the config's ``model_type``:
+    SmolVLM / Idefics3 get projector type ``idefics3`` (tensors ``v.*`` and
+    ``mm.model.fc``), Qwen2-VL ``qwen2vl_merger`` and Qwen2.5-VL ``qwen2.5vl_merger``
+    (``_write_qwen2vl_mmproj``). ``preproc_image_size`` (Idefics3 only) overrides the longest
+    edge llama.cpp resizes to before tiling (default: the preprocessor's
+    ``size.longest_edge``; the tile size disables splitting).
     """
+    src = _Source(model_dir_or_hf_model)
+    if src.config.get('model_type') in QWEN2VL_PROJECTORS:
+        if preproc_image_size is not None:
+            raise ValueError('preproc_image_size applies to Idefics3 projectors only')
+        _write_qwen2vl_mmproj(src, out_path, ftype)
+        return out_path
     gguf = _gguf()
     qtype, file_type = _qtype(ftype)
-    src = _Source(model_dir_or_hf_model)
     cfg = src.config
     vision = dict(cfg['vision_config'])
     text = src.text
@@ -331,11 +376,7 @@ def export_mmproj_gguf(model_dir_or_hf_model, out_path, ftype='f32', preproc_ima
     connector = next((src.weights[n] for n in _CONNECTOR if n in src.weights), None)
     if connector is None:
         raise ValueError('no connector (modality_projection) weights in the checkpoint')
-    preprocessor = {}
-    if src.model_dir and os.path.isfile(os.path.join(src.model_dir, 'preprocessor_config.json')):
-        with open(os.path.join(src.model_dir, 'preprocessor_config.json'),
-                  encoding='utf-8') as f:
-            preprocessor = json.load(f)
+    preprocessor = _preprocessor_config(src)
     if preproc_image_size is None:
         preproc_image_size = (preprocessor.get('size') or {}).get('longest_edge',
                                                                   vision['image_size'])
@@ -383,6 +424,128 @@ def export_mmproj_gguf(model_dir_or_hf_model, out_path, ftype='f32', preproc_ima
     _add_tensor(writer, 'v.post_ln.weight', weights['post_layernorm.weight'], f32)
     _add_tensor(writer, 'v.post_ln.bias', weights['post_layernorm.bias'], f32)
     _add_tensor(writer, 'mm.model.fc.weight', connector, qtype)
+    _write(writer, out_path)
+    return out_path
+
+
+def _preprocessor_config(src):
+    """Return the checkpoint's preprocessor_config.json ({} for a model without a folder)."""
+    path = os.path.join(src.model_dir, 'preprocessor_config.json') if src.model_dir else None
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def _n_wa_pattern(fullatt_block_indexes):
+    """
+    Return llama.cpp's window-attention period for Qwen2.5-VL's full-attention blocks.
+
+    libmtmd runs block ``i`` with full attention when ``(i + 1) % n_wa_pattern == 0``, so
+    only evenly spaced indexes starting at ``n_wa_pattern - 1`` can be expressed; the
+    converter checks the spacing the same way.
+    """
+    indexes = [int(i) for i in fullatt_block_indexes or ()]
+    if not indexes:
+        raise ValueError('Qwen2.5-VL needs vision_config.fullatt_block_indexes')
+    period = indexes[0] + 1
+    if any(b - a != period for a, b in zip(indexes, indexes[1:], strict=False)):
+        raise ValueError(f'fullatt_block_indexes {indexes} are not every {period}th block: '
+                         'llama.cpp cannot express them')
+    return period
+
+
+def _write_qwen2vl_mmproj(src, out_path, ftype):
+    """
+    Write the vision tower and merger of a Qwen2-VL / Qwen2.5-VL checkpoint (``src``).
+
+    The layout of ``convert_hf_to_gguf.py --mmproj`` (``Qwen2VLVisionModel``): the Conv3d
+    patch embedding as two 2-D kernels ``v.patch_embd.weight`` / ``v.patch_embd.weight.1``
+    (one per temporal slice), each fused ``qkv`` split into ``attn_q`` / ``attn_k`` /
+    ``attn_v``, ``norm1`` / ``norm2`` as ``ln1`` / ``ln2``, the MLP as ``ffn_up`` /
+    ``ffn_down`` (plus ``ffn_gate`` for Qwen2.5-VL's gated SiLU MLP), the merger's ``ln_q``
+    as ``v.post_ln`` and its ``mlp.0`` / ``mlp.2`` as ``mm.0`` / ``mm.2``. Norms are
+    LayerNorms (weight and bias) for Qwen2-VL, RMSNorms (weight only) for Qwen2.5-VL;
+    libmtmd picks the kind from the projector type.
+
+    Like the converter this writes no attention window size: libmtmd runs Qwen2.5-VL's
+    window layers with the released models' 112-pixel windows whatever
+    ``vision_config.window_size`` says, nor image pixel limits: libmtmd allows 8 to 4096
+    merged tokens for these projectors unless its context parameters say otherwise.
+    """
+    gguf = _gguf()
+    qtype, file_type = _qtype(ftype)
+    cfg = src.config
+    projector = QWEN2VL_PROJECTORS[cfg['model_type']]
+    vision = dict(cfg['vision_config'])
+    text = {**cfg, **(cfg.get('text_config') or {})}
+    weights = src.vision_weights(_QWEN2VL_VISION_PREFIXES)
+    preprocessor = _preprocessor_config(src)
+    n_layers = int(vision['depth'])
+    if 'embed_dim' in vision:
+        # Qwen2-VL's vision_config names its width embed_dim, and its hidden_size is the
+        # merger's output; the converter renames them this way (and so writes the merger
+        # width as the feed-forward length, which libmtmd does not read).
+        width, ffn = int(vision['embed_dim']), int(vision['hidden_size'])
+    else:
+        width, ffn = int(vision['hidden_size']), int(vision['intermediate_size'])
+
+    writer = gguf.GGUFWriter(None, 'clip')
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(f'tiny-{cfg["model_type"]}-mmproj')
+    writer.add_file_type(file_type)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_vision_projection_dim(int(text['hidden_size']))
+    # No fixed input size (the images keep their aspect); 560 is the converter's default.
+    writer.add_vision_image_size(int(vision.get('image_size', 560)))
+    writer.add_vision_patch_size(int(vision['patch_size']))
+    writer.add_vision_embedding_length(width)
+    writer.add_vision_feed_forward_length(ffn)
+    writer.add_vision_block_count(n_layers)
+    writer.add_vision_head_count(int(vision['num_heads']))
+    writer.add_vision_image_mean([float(x) for x in preprocessor.get('image_mean', _CLIP_MEAN)])
+    writer.add_vision_image_std([float(x) for x in preprocessor.get('image_std', _CLIP_STD)])
+    writer.add_clip_projector_type(projector)
+    if projector == 'qwen2.5vl_merger':
+        writer.add_vision_use_silu(True)
+        writer.add_vision_n_wa_pattern(_n_wa_pattern(vision.get('fullatt_block_indexes')))
+    # The converter reads the top-level rms_norm_eps, else HF's hard-coded 1e-6 (what both
+    # towers' LayerNorm / RMSNorm use).
+    writer.add_vision_attention_layernorm_eps(float(cfg.get('rms_norm_eps', 1e-6)))
+
+    patch = weights['patch_embed.proj.weight']
+    if patch.ndim != 5 or patch.shape[2] != 2:
+        raise ValueError(f'expected a Conv3d patch kernel with 2 time steps, got {patch.shape}')
+    # The patch kernels stay float32 (float16 in an f16 file), as the converter forces them.
+    patch_type = (gguf.GGMLQuantizationType.F16 if ftype == 'f16'
+                  else gguf.GGMLQuantizationType.F32)
+    _add_tensor(writer, 'v.patch_embd.weight', patch[:, :, 0], patch_type)
+    _add_tensor(writer, 'v.patch_embd.weight.1', patch[:, :, 1], patch_type)
+    layer_names = (('norm1', 'ln1'), ('norm2', 'ln2'), ('attn.proj', 'attn_out'),
+                   ('mlp.fc1', 'ffn_up'), ('mlp.fc2', 'ffn_down'),
+                   ('mlp.gate_proj', 'ffn_gate'), ('mlp.up_proj', 'ffn_up'),
+                   ('mlp.down_proj', 'ffn_down'))
+    for i in range(n_layers):
+        p, b = f'blocks.{i}.', f'v.blk.{i}.'
+        for kind in ('weight', 'bias'):
+            qkv = weights.get(f'{p}attn.qkv.{kind}')
+            if qkv is None:
+                continue
+            if qkv.shape[0] % 3:
+                raise ValueError(f'{p}attn.qkv.{kind} has {qkv.shape[0]} rows, not 3 x width')
+            for name, part in zip(('attn_q', 'attn_k', 'attn_v'), np.split(qkv, 3), strict=True):
+                _add_tensor(writer, f'{b}{name}.{kind}', part, qtype)
+        for hf, ours in layer_names:
+            for kind in ('weight', 'bias'):
+                key = f'{p}{hf}.{kind}'
+                if key in weights:
+                    _add_tensor(writer, f'{b}{ours}.{kind}', weights[key], qtype)
+    for hf, ours in (('merger.ln_q', 'v.post_ln'), ('merger.mlp.0', 'mm.0'),
+                     ('merger.mlp.2', 'mm.2')):
+        for kind in ('weight', 'bias'):
+            key = f'{hf}.{kind}'
+            if key in weights:
+                _add_tensor(writer, f'{ours}.{kind}', weights[key], qtype)
     _write(writer, out_path)
     return out_path
 
@@ -450,18 +613,49 @@ def cached_mmproj(variant='a', ftype='f32', preproc_image_size=None):
     return path
 
 
+def cached_qwen2vl_gguf(variant='qwen2-a', ftype='f32'):
+    """Return the tiny Qwen2(.5)-VL's language model as a ``qwen2vl`` GGUF, exporting it once."""
+    from .qwen2vl_factory import cached_qwen2vl_model
+
+    model_dir = cached_qwen2vl_model(variant)
+    path = os.path.join(_gguf_dir(model_dir), f'model-qwen2vl-{ftype}.gguf')
+    if not os.path.isfile(path):
+        export_text_gguf(model_dir, path, arch='qwen2vl', ftype=ftype, pre_tokenizer='qwen2',
+                         name=f'tiny-qwen2vl-{variant}')
+    return path
+
+
+def cached_qwen2vl_mmproj(variant='qwen2-a', ftype='f32'):
+    """Return the tiny Qwen2(.5)-VL's vision tower and merger as an mmproj GGUF, once."""
+    from .qwen2vl_factory import cached_qwen2vl_model
+
+    model_dir = cached_qwen2vl_model(variant)
+    path = os.path.join(_gguf_dir(model_dir), f'mmproj-{ftype}.gguf')
+    if not os.path.isfile(path):
+        export_mmproj_gguf(model_dir, path, ftype=ftype)
+    return path
+
+
 def main(argv=None):
     """Command line: export a checkpoint's language model (and projector) to GGUF."""
     import argparse
 
-    parser = argparse.ArgumentParser(description='Export a SmolVLM checkpoint to GGUF.')
+    parser = argparse.ArgumentParser(
+        description='Export a SmolVLM or Qwen2(.5)-VL checkpoint to GGUF.')
     parser.add_argument('model_dir')
     parser.add_argument('out', help='language model GGUF to write')
-    parser.add_argument('--arch', choices=ARCHS, default='llama')
+    parser.add_argument('--arch', choices=ARCHS, default='llama',
+                        help='qwen2vl for Qwen2-VL and Qwen2.5-VL')
     parser.add_argument('--ftype', choices=FTYPES, default='f32')
+    parser.add_argument('--pre-tokenizer', default=None,
+                        help=f'llama.cpp pre-tokenizer (default: qwen2 for qwen2vl, else '
+                             f'{DEFAULT_PRE_TOKENIZER})')
     parser.add_argument('--mmproj', metavar='PATH', help='also write the projector here')
     args = parser.parse_args(argv)
-    export_text_gguf(args.model_dir, args.out, arch=args.arch, ftype=args.ftype)
+    pre_tokenizer = args.pre_tokenizer or (
+        'qwen2' if args.arch == 'qwen2vl' else DEFAULT_PRE_TOKENIZER)
+    export_text_gguf(args.model_dir, args.out, arch=args.arch, ftype=args.ftype,
+                     pre_tokenizer=pre_tokenizer)
     if args.mmproj:
         export_mmproj_gguf(args.model_dir, args.mmproj)
 

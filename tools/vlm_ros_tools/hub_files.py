@@ -151,5 +151,5 @@ def _assemble_processor(model_dir, processor_class, seq_len_key):
         tokenizer=tokenizer,
         video_processor=BaseVideoProcessor(),
         chat_template=chat_template,
-        **{seq_len_key: proc_cfg[seq_len_key]},
+        **({seq_len_key: proc_cfg[seq_len_key]} if seq_len_key else {}),
     )

@@ -139,8 +139,12 @@ def image_seq_length(variant):
     return int(side * side * spec['downsample_ratio'] ** 2)
 
 
-def build_tokenizer(base_vocab_size=BASE_VOCAB_SIZE):
-    """Train and return the tiny Qwen2-style ``tokenizers.Tokenizer`` with InternVL tokens."""
+def build_tokenizer(base_vocab_size=BASE_VOCAB_SIZE, added_tokens=None):
+    """
+    Train and return the tiny Qwen2-style ``tokenizers.Tokenizer`` with InternVL tokens.
+
+    ``added_tokens`` replaces Qwen's and InternVL's added tokens (another Qwen-based family).
+    """
     tokenizer = Tokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -150,7 +154,8 @@ def build_tokenizer(base_vocab_size=BASE_VOCAB_SIZE):
     tokenizer.decoder = decoders.ByteLevel()
     return tiny_tokenizer.train_byte_level_bpe(
         tokenizer, base_vocab_size, tiny_tokenizer.training_lines(),
-        added_tokens=QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS)
+        added_tokens=(QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS if added_tokens is None
+                      else added_tokens))
 
 
 def tokenizer_config(tokenizer):

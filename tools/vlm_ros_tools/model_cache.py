@@ -8,9 +8,10 @@ the library versions, so an environment without torch -- the Humble stand-in,
 is the torch-free way in:
 
 * With torch importable (Kilted / Jazzy environments), ``cached_test_model``,
-  ``cached_internvl_model``, ``cached_gguf``, ``cached_internvl_gguf`` and ``cached_mmproj``
-  call the exporters' functions of the same name and signature (building once, as before)
-  and record the answer in ``<cache_root()>/manifest.json``.  The exporters' model folders
+  ``cached_internvl_model``, ``cached_gguf``, ``cached_internvl_gguf``, ``cached_mmproj``,
+  ``cached_qwen2vl_gguf`` and ``cached_qwen2vl_mmproj`` (among others) call the factories'
+  and exporters' functions of the same name and signature (building once, as before) and
+  record the answer in ``<cache_root()>/manifest.json``.  The exporters' model folders
   come from ``build_once``: ``<cache_root()>/<name>-<build_fingerprint(...)>``, built in a
   temporary folder and renamed into place.
 * Without torch (or with ``VLM_ROS_TEST_MODELS_LOOKUP=1``), the same calls only look the
@@ -47,12 +48,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # The tooling sources each kind of model depends on (what the model folders' names hash).
 _SMOLVLM_SOURCES = ('hub_files.py', 'tiny_tokenizer.py', 'smolvlm_factory.py', 'export_onnx.py')
 _INTERNVL_SOURCES = _SMOLVLM_SOURCES + ('internvl_factory.py', 'export_internvl.py')
+_QWEN2VL_SOURCES = ('hub_files.py', 'tiny_tokenizer.py', 'internvl_factory.py',
+                    'qwen2vl_factory.py')
 SOURCES = {
     'smolvlm': _SMOLVLM_SOURCES,
     'internvl': _INTERNVL_SOURCES,
     'gguf': _SMOLVLM_SOURCES + ('gguf_export.py',),
     'mmproj': _SMOLVLM_SOURCES + ('gguf_export.py',),
     'internvl-gguf': _INTERNVL_SOURCES + ('gguf_export.py',),
+    'qwen2vl': _QWEN2VL_SOURCES,
+    # Both GGUF files of a Qwen2-VL export: the language model and the mmproj.
+    'qwen2vl-gguf': _QWEN2VL_SOURCES + ('gguf_export.py',),
+    'qwen2vl-onnx': _QWEN2VL_SOURCES + ('export_onnx.py', 'export_qwen2vl.py'),
 }
 # The libraries whose versions the model folders' names hash (they shape the exports).
 LIBRARIES = ('torch', 'transformers', 'onnx', 'onnxruntime', 'tokenizers')
@@ -257,6 +264,36 @@ def cached_mmproj(variant='a', ftype='f32', preproc_image_size=None):
     return _get(key, 'mmproj', build)
 
 
+def cached_qwen2vl_model(variant='qwen2-a', seed=0):
+    """Return the tiny Qwen2-VL / Qwen2.5-VL ``variant``'s folder (``qwen2vl_factory``)."""
+    def build():
+        from .qwen2vl_factory import cached_qwen2vl_model as build_model
+        return build_model(variant, seed=seed)
+    return _get(f'qwen2vl-{variant}' + (f'-seed{seed}' if seed else ''), 'qwen2vl', build)
+
+
+def cached_qwen2vl_onnx_model(variant='qwen2-a', seed=0, quantize_int8=True):
+    """Return the tiny Qwen2(.5)-VL ``variant`` with its ONNX vision encoder (``onnx/``)."""
+    return _tiny_model('qwen2vl-onnx', 'export_qwen2vl', 'cached_qwen2vl_onnx_model', variant,
+                       seed, quantize_int8)
+
+
+def cached_qwen2vl_gguf(variant='qwen2-a', ftype='f32'):
+    """Return the tiny Qwen2(.5)-VL's language model as a ``qwen2vl`` GGUF file."""
+    def build():
+        from .gguf_export import cached_qwen2vl_gguf as build_model
+        return build_model(variant, ftype)
+    return _get(f'qwen2vl-gguf-{variant}-{ftype}', 'qwen2vl-gguf', build)
+
+
+def cached_qwen2vl_mmproj(variant='qwen2-a', ftype='f32'):
+    """Return the tiny Qwen2(.5)-VL's vision tower and merger as an mmproj GGUF file."""
+    def build():
+        from .gguf_export import cached_qwen2vl_mmproj as build_model
+        return build_model(variant, ftype)
+    return _get(f'qwen2vl-mmproj-{variant}-{ftype}', 'qwen2vl-gguf', build)
+
+
 # What ``build`` makes: every model the test suite asks for.
 def suite_models():
     """Return (description, zero-argument builder) of every model the test suite uses."""
@@ -269,6 +306,12 @@ def suite_models():
         out.append((f'gguf {v} f32 qwen2', lambda v=v: cached_gguf(v, 'f32', 'qwen2')))
         out.append((f'internvl gguf {v} f32', lambda v=v: cached_internvl_gguf(v, 'f32')))
         out.append((f'mmproj {v} f32', lambda v=v: cached_mmproj(v, 'f32')))
+    for v in ('qwen2-a', 'qwen2-b', 'qwen25-a', 'qwen25-b'):
+        out.append((f'qwen2vl {v}', lambda v=v: cached_qwen2vl_model(v)))
+        out.append((f'qwen2vl gguf {v} f32', lambda v=v: cached_qwen2vl_gguf(v, 'f32')))
+        out.append((f'qwen2vl mmproj {v} f32', lambda v=v: cached_qwen2vl_mmproj(v, 'f32')))
+        out.append((f'qwen2vl onnx {v}', lambda v=v: cached_qwen2vl_onnx_model(v)))
+    out.append(('qwen2vl gguf qwen2-a q8_0', lambda: cached_qwen2vl_gguf('qwen2-a', 'q8_0')))
     return out
 
 

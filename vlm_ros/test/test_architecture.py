@@ -73,10 +73,25 @@ def test_family_names_live_in_their_family_modules():
 
 def test_every_family_module_is_registered_and_distinct():
     infos = registry.infos()
-    assert [i.key for i in infos] == ['internvl', 'smolvlm']
-    assert [i.model_type_param for i in infos] == [0, 1]
+    assert [i.key for i in infos] == ['internvl', 'smolvlm', 'qwen2_vl']
+    assert [i.model_type_param for i in infos] == [0, 1, 2]
     assert registry.default().info.key == 'smolvlm'
     assert registry.by_config_type('idefics3').info.key == 'smolvlm'
+    assert registry.by_config_type('qwen2_5_vl').info.key == 'qwen2_vl'
     assert registry.by_projector('internvl').info.key == 'internvl'
+    assert registry.by_projector('qwen2.5vl_merger').info.key == 'qwen2_vl'
     assert registry.by_config_type('llava') is None
-    assert registry.param_help() == '0: InternVL2.5/3; 1: SmolVLM/SmolVLM2'
+    assert registry.param_help() == \
+        '0: InternVL2.5/3; 1: SmolVLM/SmolVLM2; 2: Qwen2-VL/Qwen2.5-VL'
+
+
+def test_checkpoint_variants_stay_one_family():
+    """What ``info_for`` declares per checkpoint names the family as the registry does."""
+    for cls in registry.families():
+        info = cls.info
+        for source in info.config_model_types + info.mmproj_projectors:
+            variant = cls.info_for(source)
+            assert (variant.key, variant.model_type_param, variant.display_name,
+                    variant.config_model_types, variant.mmproj_projectors, variant.default) \
+                == (info.key, info.model_type_param, info.display_name,
+                    info.config_model_types, info.mmproj_projectors, info.default), source

@@ -23,7 +23,8 @@ import urllib.parse
 
 from conftest import installed_executable, python_script, TEST_DIR, tiny_model
 import pytest
-from vlm_ros.models_cli import catalogue, hashing, manifest
+from vlm_ros.engine.families import registry
+from vlm_ros.models_cli import catalogue, download, export, hashing, manifest
 from vlm_ros.models_cli.export import EXPORTERS
 import yaml
 
@@ -32,6 +33,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'config'
 SMOLVLM_REPO = 'vlm-test/tiny-smolvlm'
 GGUF_REPO = 'vlm-test/tiny-smolvlm-gguf'
 INTERNVL_REPO = 'vlm-test/tiny-internvl-hf'
+QWEN2VL_REPOS = {'qwen2-a': 'vlm-test/tiny-qwen2-vl', 'qwen25-a': 'vlm-test/tiny-qwen2.5-vl'}
 PRIVATE_REPO = 'vlm-test/private'
 TOKEN = 'hf_vlmtesttoken'
 CONFIG_FILES = ['config.json', 'generation_config.json', 'preprocessor_config.json',
@@ -304,6 +306,21 @@ def test_catalogue(tmp_path_factory, models):
                                     {'path': 'tiny-internvl-Q8_0.gguf',
                                      'exporter': 'qwen2-gguf-q8_0'}]}},
     }
+    for variant, repo in QWEN2VL_REPOS.items():
+        # Qwen2-VL's checkpoint in one file; Qwen2.5-VL's in shards, as VLM-R1's comes.
+        name = f'tiny_{variant.replace("-", "_")}'
+        weights = 'model.safetensors' if variant == 'qwen2-a' else \
+            'model.safetensors.index.json'
+        configurations[name] = {
+            'params_file': _params(folder / f'{name}.yaml', model_type=2,
+                                   model_file_name=f'mmproj-{name}-f16.gguf',
+                                   llm_model_name=f'{name}-Q8_0.gguf'),
+            'sources': [{'repo': repo, 'files': CONFIG_FILES}],
+            'export': {'checkpoint': [weights],
+                       'produces': [{'path': f'{name}-Q8_0.gguf',
+                                     'exporter': 'qwen2vl-gguf-q8_0'},
+                                    {'path': f'mmproj-{name}-f16.gguf',
+                                     'exporter': 'qwen2vl-mmproj-f16'}]}}
     path = folder / 'models.yaml'
     path.write_text(yaml.safe_dump({'version': 1, 'configurations': configurations}))
     return path
@@ -349,8 +366,16 @@ def test_shipped_catalogue_covers_every_parameter_file():
             assert params[key] in needed, (config.name, key, params[key])
         for source in config.sources:
             assert source.repo.count('/') == 1 and source.revision == 'main'
+        # A model_type the node takes, and exporters that convert that family's checkpoints.
+        family = registry.by_param(params['model_type']).info.key
         for product in config.products:
-            assert product.exporter in EXPORTERS
+            assert family in EXPORTERS[product.exporter].families, (config.name, product)
+        if params['model_file_name'].endswith('.gguf'):
+            # llama.cpp's releases: mmproj beside a GGUF language model, and a context well
+            # under the trained one (Qwen2.5-VL's 128k would need a 4.7 GB KV cache).
+            assert params['llm_model_name'].endswith('.gguf')
+            assert params['model_file_name'].startswith('mmproj-'), config.name
+            assert 0 < params.get('n_ctx', 0) <= 8192, config.name
 
 
 def test_list_prints_every_configuration_with_repositories_and_files():
@@ -661,3 +686,78 @@ def test_export_makes_and_checks_what_no_hub_publishes(hub, test_catalogue, tmp_
                        catalogue_file=test_catalogue)
     assert empty.returncode == 3
     assert 'which no hub publishes: run `vlm_models export tiny_internvl' in empty.stderr
+
+
+def _shard(folder, out):
+    """Return ``folder``'s model.safetensors cut in two shards plus their index, as files."""
+    from safetensors.numpy import load_file, save_file
+    weights = load_file(str(folder / 'model.safetensors'))
+    names = sorted(weights)
+    files, weight_map = {}, {}
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        shard = f'model-0000{i + 1}-of-00002.safetensors'
+        save_file({n: weights[n] for n in part}, str(out / shard))
+        files[shard] = (out / shard).read_bytes()
+        weight_map.update({n: shard for n in part})
+    total = sum(int(w.nbytes) for w in weights.values())
+    files['model.safetensors.index.json'] = json.dumps(
+        {'metadata': {'total_size': total}, 'weight_map': weight_map}).encode()
+    return files
+
+
+@pytest.mark.parametrize('variant', sorted(QWEN2VL_REPOS))
+def test_export_qwen2vl_gguf_and_mmproj(hub, test_catalogue, tmp_path, variant):
+    pytest.importorskip('torch')
+    pytest.importorskip('llama_cpp')
+    name = f'tiny_{variant.replace("-", "_")}'
+    checkpoint = pathlib.Path(tiny_model('cached_qwen2vl_model', variant))
+    files = _read(checkpoint, CONFIG_FILES)
+    if variant == 'qwen2-a':
+        files.update(_read(checkpoint, ['model.safetensors']))
+    else:
+        files.update(_shard(checkpoint, tmp_path))
+    hub.add(QWEN2VL_REPOS[variant], files)
+    folder = tmp_path / name
+    run = vlm_models('export', name, '--dir', folder, hub=hub, catalogue_file=test_catalogue,
+                     timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if variant == 'qwen25-a':
+        assert '2 weight shard(s) named by the checkpoint index' in run.stdout
+        assert 'model-00002-of-00002.safetensors: fetched' in run.stdout
+    assert 'PASS logits: llama.cpp and transformers pick token' in run.stdout
+    projector = 'qwen2vl_merger' if variant == 'qwen2-a' else 'qwen2.5vl_merger'
+    assert f'PASS load: libmtmd runs the {projector} projector on {name}-Q8_0.gguf' \
+        in run.stdout
+    # Each sample resized to the processor's grid (the tiny budget: at most 48 tokens).
+    assert 'PASS features scene.png: 168x168, 36 tokens' in run.stdout
+    assert 'PASS features gradient 640x240: 308x112, 44 tokens' in run.stdout
+    record = manifest.read(folder)['files']
+    assert record[f'mmproj-{name}-f16.gguf']['exporter'] == 'qwen2vl-mmproj-f16'
+    assert record[f'{name}-Q8_0.gguf']['exporter'] == 'qwen2vl-gguf-q8_0'
+    # The folder runs as the configuration says: llama.cpp's files beside the hub's config.
+    run = vlm_models('verify', folder, catalogue_file=test_catalogue)
+    assert run.returncode == 0, run.stdout
+    assert f'PASS shape {name}-Q8_0.gguf: embedding_length 64' in run.stdout
+    assert (f'PASS shape mmproj-{name}-f16.gguf: projection_dim 64 = {name}-Q8_0.gguf '
+            'embedding_length') in run.stdout
+
+
+def test_checkpoint_shards_come_from_the_index(tmp_path):
+    entry = catalogue.FileEntry('weights/model.safetensors.index.json')
+    index = tmp_path / entry.path
+    index.parent.mkdir()
+    assert download.checkpoint_shards(tmp_path, [entry]) == []  # not fetched yet
+    index.write_text(json.dumps({'weight_map': {'a': 'm-2.safetensors', 'b': 'm-1.safetensors',
+                                                'c': 'm-2.safetensors'}}))
+    assert download.checkpoint_shards(tmp_path, [entry, catalogue.FileEntry('config.json')]) \
+        == ['weights/m-1.safetensors', 'weights/m-2.safetensors']
+    index.write_text(json.dumps({'weight_map': {'a': '../../etc/passwd'}}))
+    with pytest.raises(RuntimeError, match='outside the folder'):
+        download.checkpoint_shards(tmp_path, [entry])
+
+
+def test_exporter_refuses_another_family(test_catalogue, tmp_path):
+    config = catalogue.find(catalogue.load(test_catalogue), 'tiny_internvl')
+    product = catalogue.Product('mmproj.gguf', 'qwen2vl-mmproj-f16')
+    with pytest.raises(ValueError, match='converts qwen2_vl checkpoints, not the internvl'):
+        export._export_one(tmp_path, config, product, None, [], 8, None)

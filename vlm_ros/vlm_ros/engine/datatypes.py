@@ -53,6 +53,12 @@ class PreparedRequest:
     image_features: List[Optional[np.ndarray]] = field(default_factory=list)
     """Per image: its features [tokens, hidden] when known (a cache), else None; the vision
     stage fills the gaps."""
+    positions: Optional[np.ndarray] = None
+    """int64 [3, seq]: multi-axis rotary positions (temporal, height, width) of each prompt
+    token, for language models with M-RoPE (Qwen2-VL); None: consecutive positions."""
+    seen_sizes: List[Tuple[int, int]] = field(default_factory=list)
+    """Per image: (width, height) of the image the model saw after its own resize, for
+    families whose boxes are in those pixels (``absolute``); empty: the original sizes."""
 
 
 @dataclass(frozen=True)

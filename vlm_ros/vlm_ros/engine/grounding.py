@@ -34,6 +34,17 @@ JSON_PROMPT = ('Locate every {labels} in the image. Answer with JSON only: '
                '[{"bbox_2d": [x1, y1, x2, y2], "label": "<name>"}, ...], or [] if none.')
 """One question for every label, answered in Qwen2.5-VL's JSON (its own wording for this
 project, in the spirit of the open-vocabulary detection prompt of VLM-R1)."""
+QWEN2VL_PROMPT = 'Find <|object_ref_start|>{label}<|object_ref_end|>'
+"""Qwen2-VL's referring-grounding question: the phrase between its object-reference
+markers (as special tokens), answered ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` in 0-1000,
+optionally after the phrase in the same markers."""
+QWEN25VL_PROMPT = ('Look at the image closely and find these objects: {labels}. For each one '
+                   'you find, give its bounding box and its name as JSON, '
+                   '[{"bbox_2d": [x1, y1, x2, y2], "label": "<name>"}, ...], in pixels of '
+                   'the image. If none of them is there, answer None.')
+"""One question about every label in the shape of VLM-R1's open-vocabulary detection task
+(worded for this project), answered by Qwen2.5-VL and VLM-R1 in JSON, in pixels of the image
+the model saw; an answer of ``None`` (or ``[]``) means no boxes."""
 
 _NUMBER = r'[-+]?\d+(?:\.\d+)?'
 _INTERNVL = re.compile(r'(?:<ref>(.*?)</ref>\s*)?<box>(.*?)</box>', re.S)

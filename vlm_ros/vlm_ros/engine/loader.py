@@ -55,8 +55,16 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
         decoder = LlamaCppDecoder(spec.decoder, n_threads, n_ctx, max_beams=max_beams,
                                   kv_type=kv_type, kv_cache_slots=kv_cache_slots,
                                   n_gpu_layers=n_gpu_layers, max_concurrent=max_concurrent)
-        family = GgufChatFamily(spec.decoder, decoder, family_class.info)
-        vision = MtmdVision(MtmdImageEncoder(spec.vision, decoder, n_threads))
+        # With the model's own folder, libmtmd sizes images within its processor's budget.
+        bounds = None
+        if spec.model_dir and (spec.model_dir / 'config.json').is_file():
+            bounds = family_class(spec.model_dir).image_token_bounds()
+        encoder = MtmdImageEncoder(spec.vision, decoder, n_threads, image_tokens=bounds)
+        # One registered family may answer differently per checkpoint (Qwen2-VL's box
+        # tokens, Qwen2.5-VL's JSON): the projector type tells which.
+        info = family_class.info_for(encoder.projector_type)
+        family = GgufChatFamily(spec.decoder, decoder, info)
+        vision = MtmdVision(encoder, info.image_placeholder)
         memory.trim()
         return Pipeline(family, vision, decoder, defaults, image_options, feature_cache_mb)
 

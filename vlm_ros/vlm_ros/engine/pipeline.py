@@ -74,7 +74,8 @@ class Pipeline(Answerer):
         start = time.perf_counter()
         on_phase('preprocess')
         rgbs, turns = conversation(images, history)  # every image, the history's first
-        first_image = rgbs[sum(n for _, n in turns):][:1]
+        first_index = sum(n for _, n in turns)
+        first_image = rgbs[first_index:][:1]
         keys, known = self._cached_features(rgbs, image_options)
         request = self.family.prepare(images, prompt, system_prompt, image_options, history,
                                       skip={i for i, f in enumerate(known) if f is not None})
@@ -131,9 +132,12 @@ class Pipeline(Answerer):
         box_format = getattr(self.family.info, 'box_format', '')
         if box_format and first_image:
             # Relative boxes need only the original size, whatever resizing or tiling the
-            # family did (a family with absolute boxes will say what size its model saw).
+            # family did; absolute ones the size the model saw, which the family (or
+            # libmtmd's layout) tells.
             height, width = first_image[0].shape[:2]
-            found = grounding.locate(out.text, box_format, (width, height))
+            seen = request.seen_sizes[first_index] if len(request.seen_sizes) > first_index \
+                else None
+            found = grounding.locate(out.text, box_format, (width, height), seen)
             result.detections, result.dropped_boxes = found.boxes, found.dropped
         timings.total_ms = _ms(start)
         return result
@@ -143,8 +147,9 @@ class Pipeline(Answerer):
         """Prefill and answer; return (generated, session), or (None, None) if cancelled."""
         t = time.perf_counter()
         try:
+            extra = {} if request.positions is None else {'positions': request.positions}
             session, logits = self.decoder.start(request.input_ids, features,
-                                                 request.image_token_id, should_stop)
+                                                 request.image_token_id, should_stop, **extra)
         except Cancelled:
             timings.prefill_ms = _ms(t)
             return None, None

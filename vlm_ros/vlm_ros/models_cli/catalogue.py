@@ -7,7 +7,8 @@ repositories, a revision and the exact files to fetch from each, plus the files 
 publishes and ``vlm_models export`` makes. A file is a plain path, or a mapping with
 ``path`` and any of ``optional`` (fetched when the repository has it), ``size`` and
 ``sha256`` (pinned: a download or a folder must match them, whatever the hub says) and
-``approx_mb`` (shown by ``list`` before the hub is asked).
+``approx_mb`` (shown by ``list`` before the hub is asked). An exporter's checkpoint may
+list a ``*.safetensors.index.json``: ``download`` then fetches the shards it names too.
 
 The catalogue is found, in order: ``--catalogue FILE``, ``$VLM_MODELS_CATALOGUE``, the
 package's share folder (ament index), then the source tree beside this package. Parameter

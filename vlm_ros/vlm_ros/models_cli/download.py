@@ -17,17 +17,20 @@ hub file is there but a file that only ``vlm_models export`` makes is still miss
 
 from dataclasses import dataclass
 import fcntl
+import json
 import os
 import pathlib
 import shutil
 import sys
 from typing import Optional
 
-from vlm_ros.models_cli import hashing, hub, manifest, params_file, transfer
+from vlm_ros.models_cli import catalogue, hashing, hub, manifest, params_file, transfer
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NEEDS_EXPORT = 3
+SHARD_INDEX_SUFFIX = '.safetensors.index.json'
+"""A checkpoint file with this suffix brings the weight shards its ``weight_map`` names."""
 
 
 class MismatchError(ValueError):
@@ -123,7 +126,12 @@ class Run:
         print(f'vlm_models: error: {text}', file=sys.stderr, flush=True)
 
     def fetch_sources(self, include_checkpoint=False):
-        """Fetch every source's files (and the exporter's checkpoint files when asked)."""
+        """
+        Fetch every source's files (and the exporter's checkpoint files when asked).
+
+        A checkpoint ``*.safetensors.index.json`` is fetched first, then the shards its
+        ``weight_map`` names, so the catalogue need not know how a checkpoint was sharded.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         for i, source in enumerate(self.config.sources):
             entries = list(source.files)
@@ -133,6 +141,12 @@ class Run:
                 self._offline_source(source, entries)
             else:
                 self._online_source(source, entries)
+
+    def _shard_entries(self, entries):
+        """Return the shards named by the index files among ``entries``, not listed there."""
+        listed = {e.path for e in entries}
+        return [catalogue.FileEntry(path) for path in checkpoint_shards(self.folder, entries)
+                if path not in listed]
 
     def _online_source(self, source, entries):
         try:
@@ -145,46 +159,58 @@ class Run:
         self.say(f'{source.repo} @ {source.revision} = {listing.commit[:12]} '
                  f'({len(entries)} files asked for)')
         for entry in entries:
-            remote = listing.files.get(entry.path)
-            if remote is None:
-                if entry.optional:
-                    self.say(f'  {entry.path}: not in the repository (optional), skipped')
-                else:
-                    self.fail(f'{entry.path} is not in {source.repo}@{listing.commit[:12]} '
-                              f'({len(listing.files)} files there)')
-                continue
-            try:
-                expected = expectation(entry, remote, listing)
-            except MismatchError as exc:
-                self.fail(str(exc))
-                continue
-            self._one_file(source.repo, listing.commit, entry.path, expected)
+            self._online_entry(source, listing, entry)
+        shards = self._shard_entries(entries)
+        if shards:
+            self.say(f'  {len(shards)} weight shard(s) named by the checkpoint index')
+        for entry in shards:
+            self._online_entry(source, listing, entry)
+
+    def _online_entry(self, source, listing, entry):
+        remote = listing.files.get(entry.path)
+        if remote is None:
+            if entry.optional:
+                self.say(f'  {entry.path}: not in the repository (optional), skipped')
+            else:
+                self.fail(f'{entry.path} is not in {source.repo}@{listing.commit[:12]} '
+                          f'({len(listing.files)} files there)')
+            return
+        try:
+            expected = expectation(entry, remote, listing)
+        except MismatchError as exc:
+            self.fail(str(exc))
+            return
+        self._one_file(source.repo, listing.commit, entry.path, expected)
 
     def _offline_source(self, source, entries):
         self.say(f'{source.repo} @ {source.revision}: offline (HF_HUB_OFFLINE), checking '
                  'local files only')
         recorded = manifest.read(self.folder).get('files', {})
         for entry in entries:
-            dest = self.folder / entry.path
-            try:
-                expected = expectation(entry, recorded=recorded.get(entry.path))
-            except MismatchError as exc:
-                self.fail(str(exc))
-                continue
-            if dest.is_file():
-                self._keep(dest, entry.path, expected, source.repo,
-                           recorded.get(entry.path, {}).get('commit'))
-                continue
-            cached = hub.cached_copy(source.repo, entry.path, source.revision)
-            if cached is None:
-                if entry.optional:
-                    continue
+            self._offline_entry(source, recorded, entry)
+        for entry in self._shard_entries(entries):
+            self._offline_entry(source, recorded, entry)
+
+    def _offline_entry(self, source, recorded, entry):
+        dest = self.folder / entry.path
+        try:
+            expected = expectation(entry, recorded=recorded.get(entry.path))
+        except MismatchError as exc:
+            self.fail(str(exc))
+            return
+        if dest.is_file():
+            self._keep(dest, entry.path, expected, source.repo,
+                       recorded.get(entry.path, {}).get('commit'))
+            return
+        cached = hub.cached_copy(source.repo, entry.path, source.revision)
+        if cached is None:
+            if not entry.optional:
                 self.fail(f'{entry.path}: offline (HF_HUB_OFFLINE=1) and neither in '
                           f'{self.folder} nor in the Hugging Face cache for '
                           f'{source.repo}@{source.revision}')
-                continue
-            self._install(pathlib.Path(cached), dest, entry.path, expected, source.repo,
-                          None, 'copied from the Hugging Face cache', copy=True)
+            return
+        self._install(pathlib.Path(cached), dest, entry.path, expected, source.repo,
+                      None, 'copied from the Hugging Face cache', copy=True)
 
     def _one_file(self, repo, commit, path, expected):
         dest = self.folder / path
@@ -289,6 +315,34 @@ def run(configuration, folder, params_out=None, retries=3, out=sys.stdout) -> in
         return EXIT_NEEDS_EXPORT
     job.say(f'{configuration.name}: complete in {job.folder}')
     return EXIT_OK
+
+
+def checkpoint_shards(folder, entries):
+    """
+    Return the weight files named by the ``*.safetensors.index.json`` among ``entries``.
+
+    Only indexes already in ``folder`` are read (sorted shard names, each once); a shard
+    name that would leave the folder is refused, since the index comes from the hub.
+    """
+    shards = []
+    for entry in entries:
+        path = pathlib.Path(folder) / entry.path
+        if not entry.path.endswith(SHARD_INDEX_SUFFIX) or not path.is_file():
+            continue
+        try:
+            weight_map = json.loads(path.read_text(encoding='utf-8')).get('weight_map')
+        except (OSError, ValueError, AttributeError) as exc:
+            raise RuntimeError(f'{path} is not a safetensors index: {exc}') from exc
+        if not isinstance(weight_map, dict):
+            raise RuntimeError(f'{path} has no weight_map')
+        base = pathlib.PurePosixPath(entry.path).parent
+        for name in sorted(set(map(str, weight_map.values()))):
+            shard = base / name
+            if name.startswith('/') or '..' in pathlib.PurePosixPath(name).parts:
+                raise RuntimeError(f'{path} names a shard outside the folder: {name!r}')
+            if str(shard) not in shards:
+                shards.append(str(shard))
+    return shards
 
 
 def _matches(path, expected):

@@ -126,7 +126,9 @@ def list_configurations(configurations, exact_sizes=False, as_json=False):
             print(f'  made by `vlm_models export`: {f["path"]} ({f["exporter"]}) '
                   f'{_size_text(None, f["approx_mb"])}'.rstrip())
         for f in row['checkpoint']:
-            print(f'  read by the exporter only: {f["path"]} '
+            shards = (' and the weight shards it names'
+                      if f['path'].endswith(download.SHARD_INDEX_SUFFIX) else '')
+            print(f'  read by the exporter only: {f["path"]}{shards} '
                   f'{_size_text(f["bytes"], f["approx_mb"])}'.rstrip())
     return 0
 

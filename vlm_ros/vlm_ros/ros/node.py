@@ -506,7 +506,10 @@ class VlmNode(Node):
             template = grounding.JSON_PROMPT if self.cfg['box_format'] == grounding.ABSOLUTE \
                 else grounding.INTERNVL_PROMPT
         if not template:
-            info = registry.by_key(self.spec.family).info
+            # The loaded checkpoint's own declaration (one family may answer differently
+            # per checkpoint, e.g. Qwen2-VL and Qwen2.5-VL), else the family's.
+            info = getattr(getattr(self.answerer, 'family', None), 'info', None) or \
+                registry.by_key(self.spec.family).info
             template = info.grounding_prompt
             if not template:
                 raise messages.RequestError(

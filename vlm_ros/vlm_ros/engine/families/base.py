@@ -9,7 +9,7 @@ one module here.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,9 +36,12 @@ class FamilyInfo:
     mmproj_projectors: Tuple[str, ...] = ()
     """``clip.projector_type`` values of the llama.cpp projectors (mmproj GGUFs) it accepts."""
     fallback_chat_template: str = ''
-    """Chat template for GGUFs converted without one (libmtmd path), with ``<image>`` for
-    each image; written for this project to render what the family's published template
-    renders."""
+    """Chat template for GGUFs converted without one (libmtmd path), with
+    ``image_placeholder`` for each image; written for this project to render what the
+    family's published template renders."""
+    image_placeholder: str = '<image>'
+    """What the family's chat template (the GGUF's own or the fallback) writes for one
+    image: the libmtmd path replaces it with its media marker."""
     default: bool = False
     """The family of the embedded default model (the node's default ``model_type``)."""
     box_format: str = ''
@@ -47,6 +50,9 @@ class FamilyInfo:
     grounding_prompt: str = ''
     """The question it was trained to answer with boxes: ``{label}`` for one question per
     label, ``{labels}`` for one about all of them."""
+    grounding_tokens: Tuple[str, ...] = ()
+    """Special tokens of its box syntax (Qwen2-VL's object and box markers): its grounding
+    question may hold them as tokens, and decoded answers keep them, so boxes can be read."""
 
 
 class ModelFamily:
@@ -67,6 +73,18 @@ class ModelFamily:
     """Attention heads of the vision encoder (0: unknown; its attention is not fused)."""
     vision_hidden_size = 0
 
+    @classmethod
+    def info_for(cls, source: str) -> FamilyInfo:
+        """
+        Return the declaration for one checkpoint of this family.
+
+        ``source`` is what names the checkpoint: its ``config.json`` ``model_type`` or its
+        mmproj's ``clip.projector_type``. A family whose checkpoints answer differently
+        (box syntax, grounding question) overrides this; by default every checkpoint has
+        ``info``.
+        """
+        return cls.info
+
     def prepare(self, images, prompt, system_prompt='', image_options=None,
                 history=(), skip=()) -> PreparedRequest:
         """
@@ -82,6 +100,34 @@ class ModelFamily:
     def decode(self, token_ids, skip_special_tokens=True) -> str:
         """Turn generated token ids into text."""
         raise NotImplementedError
+
+    def image_token_bounds(self) -> Optional[Tuple[int, int]]:
+        """
+        Return (min, max) tokens per image where the processor resizes to a token budget.
+
+        libmtmd then lays images out as the processor would (Qwen2-VL); None: the image
+        size does not set the token count, or libmtmd's own bounds apply.
+        """
+        return None
+
+
+def decode_keeping(token_ids, kept: Dict[int, str], decode_run) -> str:
+    """
+    Decode ``token_ids`` with special tokens skipped, except the ``kept`` ones (id -> text).
+
+    ``decode_run(ids)`` decodes a run of ids without special tokens; the kept markers (a
+    family's grounding markers) are written between the runs as themselves.
+    """
+    pieces, run = [], []
+    for token_id in token_ids:
+        marker = kept.get(int(token_id))
+        if marker is None:
+            run.append(token_id)
+            continue
+        pieces += [decode_run(run), marker]
+        run = []
+    pieces.append(decode_run(run))
+    return ''.join(pieces)
 
 
 def image_list(images) -> List[np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from vlm_ros.engine.chat_template import build_messages, ChatTemplate
 from vlm_ros.engine.datatypes import PreparedRequest
-from vlm_ros.engine.families.base import conversation, ModelFamily
+from vlm_ros.engine.families.base import conversation, decode_keeping, ModelFamily
 from vlm_ros.engine.gguf_file import read_metadata
 
 IMAGE_PLACEHOLDER = '<image>'
@@ -33,6 +33,9 @@ class Vocabulary(Protocol):
 
     def eog_token_ids(self) -> Sequence[int]:
         """Ids that end generation."""
+
+    def tokenize(self, text: str) -> Sequence[int]:
+        """Token ids of ``text``, special tokens parsed."""
 
 
 class GgufChatFamily(ModelFamily):
@@ -55,6 +58,11 @@ class GgufChatFamily(ModelFamily):
         self.eos_token_ids = list(vocabulary.eog_token_ids())
         self.context_length = vocabulary.context_length
         self.text_hidden_size = vocabulary.hidden_size
+        self._kept = {}
+        for marker in getattr(info, 'grounding_tokens', ()):
+            ids = vocabulary.tokenize(marker)
+            if len(ids) == 1:
+                self._kept[ids[0]] = marker
 
     def prepare(self, images, prompt, system_prompt='', image_options=None,
                 history=(), skip=()) -> PreparedRequest:
@@ -65,7 +73,15 @@ class GgufChatFamily(ModelFamily):
         return PreparedRequest(np.zeros(0, dtype=np.int64), prompt_text=text, images=rgbs)
 
     def decode(self, token_ids, skip_special_tokens=True) -> str:
-        """Detokenize with llama.cpp's vocabulary, dropping end-of-generation tokens."""
+        """
+        Detokenize with llama.cpp's vocabulary, dropping end-of-generation tokens.
+
+        Skipping special tokens keeps the family's grounding markers (``info.
+        grounding_tokens``: Qwen2-VL writes its boxes with them).
+        """
         eog = set(self.eos_token_ids)
         ids = [t for t in token_ids if t not in eog] if skip_special_tokens else token_ids
-        return self.vocabulary.detokenize(ids, unparse_special=not skip_special_tokens)
+        if not skip_special_tokens or not self._kept:
+            return self.vocabulary.detokenize(ids, unparse_special=not skip_special_tokens)
+        return decode_keeping(ids, self._kept,
+                              lambda run: self.vocabulary.detokenize(run, unparse_special=False))

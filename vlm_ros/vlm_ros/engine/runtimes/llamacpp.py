@@ -39,7 +39,10 @@ KV_TYPES = {'f32': 0, 'f16': 1, 'q8_0': 8, 'q4_0': 2, 'bf16': 30}
 # Architectures whose first layer takes an embeddings batch exactly as it takes the looked-up
 # rows of tokens (no scaling or adapters on one input kind only, unlike Gemma's), so a whole
 # prompt can go in as embeddings: SmolVLM's and InternVL's language models.
-EMBEDDING_INPUT_ARCHS = {'llama', 'qwen2', 'qwen3'}
+EMBEDDING_INPUT_ARCHS = {'llama', 'qwen2', 'qwen3', 'qwen2vl'}
+# Architectures whose rotary embedding takes several positions per token (M-RoPE: temporal,
+# height, width and an unused fourth), as llama.cpp lays them out for an embeddings batch.
+MROPE_ARCHS = {'qwen2vl': 4, 'qwen3vl': 4, 'qwen3vlmoe': 4}
 # Architectures llama.cpp loads that are not text decoders (embedding models, projectors).
 NOT_DECODERS = {'clip', 'bert', 'nomic-bert', 'nomic-bert-moe', 'neo-bert', 'jina-bert-v2',
                 'jina-bert-v3', 'modern-bert', 'eurobert', 't5encoder', 'wavtokenizer-dec'}
@@ -124,6 +127,10 @@ class LlamaCppDecoder(NativeResource):
     prefilled in chunks of ``prefill_chunk`` positions between those steps. With the default
     of 1, ``start`` supersedes a session that was not closed.
 
+    An M-RoPE language model (``MROPE_ARCHS``: Qwen2-VL's) takes the multi-axis positions
+    the family computed for the prompt (``start(positions=...)``); its answer continues
+    from the largest of them, as transformers' ``rope_deltas`` do.
+
     ``kv_cache_slots`` > 0 keeps the KV cells of that many recent sequences (prompt and
     answer, stored by ``keep``) in sequences of their own; ``start`` copies the longest
     prefix one of them shares with the new prompt (cells are shared, not copied: one
@@ -144,6 +151,8 @@ class LlamaCppDecoder(NativeResource):
         meta = gguf_file.read_metadata(self.path)
         self.architecture = str(meta.get('general.architecture', ''))
         self._check_architecture(meta)
+        self.n_pos = MROPE_ARCHS.get(self.architecture, 1)
+        """Positions per token: 1, or 4 for M-RoPE."""
         if kv_type not in KV_TYPES:
             raise GenerationError(f'unknown kv_type {kv_type!r} (known: {sorted(KV_TYPES)})')
         if max_beams < 1:
@@ -272,7 +281,7 @@ class LlamaCppDecoder(NativeResource):
         self.context_length = min(requested, int(L.llama_n_ctx_seq(self._ctx)))
         self.n_batch = int(L.llama_n_batch(self._ctx))
         self._memory = L.llama_get_memory(self._ctx)
-        self._tokens = _Batch(L, self.n_batch, 0)
+        self._tokens = _Batch(L, self.n_batch, 0)  # text: one position per token, always
         self._batches.append(self._tokens)
         self._embeds: Optional[_Batch] = None
         self._eog: Optional[List[int]] = None
@@ -286,20 +295,26 @@ class LlamaCppDecoder(NativeResource):
 
     # -- requests -----------------------------------------------------------------------
 
-    def start(self, input_ids, image_features=None, image_token_id=None, should_stop=None):
+    def start(self, input_ids, image_features=None, image_token_id=None, should_stop=None,
+              positions=None):
         """
         Prefill the prompt; returns (session, logits [1, vocab] of the last position).
 
         The positions of ``image_token_id`` in ``input_ids`` take ``image_features``
-        [tokens, hidden] in order. ``should_stop`` is polled between prefill chunks (of
-        ``n_batch`` positions, ``prefill_chunk`` when concurrent); when it returns True,
-        ``Cancelled`` is raised. The caller closes the session when done with it.
+        [tokens, hidden] in order. ``positions`` (int [3, seq]: temporal, height, width) are
+        the prompt's M-RoPE positions, needed with image features on an M-RoPE model and
+        refused by others. ``should_stop`` is polled between prefill chunks (of ``n_batch``
+        positions, ``prefill_chunk`` when concurrent); when it returns True, ``Cancelled``
+        is raised. The caller closes the session when done with it.
         """
         ids, slots, features, text = self._check_prompt(input_ids, image_features,
                                                         image_token_id)
-        session = self._open(prefix_keys(ids, features, image_token_id))
+        pos = self._check_positions(positions, ids, features is not None)
+        session = self._open(prefix_keys(ids, features, image_token_id), pos)
+        # Answer tokens continue from the largest prompt position (Qwen2-VL's rope_deltas).
+        session.pos_shift = 0 if pos is None else int(pos.max()) + 1 - int(ids.size)
         try:
-            logits = self._fill(session, ids, slots, features, text, should_stop)
+            logits = self._fill(session, ids, slots, features, text, should_stop, pos)
         except BaseException:
             session.close()
             raise
@@ -338,7 +353,48 @@ class LlamaCppDecoder(NativeResource):
                                      f'{self.vocab_size} tokens of {os.path.basename(self.path)}')
         return ids, slots, features, text
 
-    def _open(self, keys):
+    def _check_positions(self, positions, ids, with_images):
+        """Return the prompt's positions as int32 [n_pos, seq] (M-RoPE), or None."""
+        name = os.path.basename(self.path)
+        if positions is None:
+            if self.n_pos > 1 and with_images:
+                raise GenerationError(
+                    f'{name} ({self.architecture}) places image features by multi-axis '
+                    '(M-RoPE) positions, and none were given with this prompt')
+            return None
+        if self.n_pos == 1:
+            raise ModelMismatchError(
+                f'the prompt comes with multi-axis (M-RoPE) positions, but {name} '
+                f'({self.architecture}) takes one position per token (files from different '
+                'models?)')
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.ndim != 2 or pos.shape[1] != ids.size or not 1 <= pos.shape[0] <= self.n_pos:
+            raise GenerationError(f'positions must be [3, {ids.size}] (temporal, height, '
+                                  f'width) for this prompt, got {list(pos.shape)}')
+        if pos.min() < 0 or pos.max() + 1 >= self.context_length:
+            raise PromptTooLongError(f'prompt positions reach {int(pos.max())}, beyond the '
+                                     f'{self.context_length}-token context')
+        out = np.zeros((self.n_pos, ids.size), dtype=np.int32)
+        out[:len(pos)] = pos
+        return out
+
+    @staticmethod
+    def _cut(pos, n):
+        """
+        Return ``(tokens, position)``: a reusable prefix of ``n`` prompt tokens, and more.
+
+        ``position`` is where the rest of the prompt starts (the KV cache keeps cells by
+        position). With M-RoPE an image's tokens share one temporal position, which cannot
+        be split: a prefix ending inside an image stops before it.
+        """
+        if pos is None or n <= 0:
+            return n, n
+        start = int(pos[0, n])
+        while n > 0 and int(pos[0, n - 1]) == start:
+            n -= 1
+        return n, start
+
+    def _open(self, keys, pos=None):
         """Give a new session a bank of sequence ids (one request alone: supersede it)."""
         with self._lock:
             free = [i for i, s in enumerate(self._sessions) if s is None]
@@ -351,11 +407,12 @@ class LlamaCppDecoder(NativeResource):
             index, reused = free[0], 0
             if self.max_concurrent > 1:
                 index, reused = self._pick_stream(free, keys)
+            reused, start = self._cut(pos, reused)
             session = LlamaCppSession(self, index)
             session.reused = reused
             self._sessions[index] = session
             for seq in session.bank:  # what a request before left (beyond a reused prefix)
-                self._ll.llama_memory_seq_rm(self._memory, seq, reused, -1)
+                self._ll.llama_memory_seq_rm(self._memory, seq, start, -1)
         session.prompt_keys = keys
         return session
 
@@ -388,7 +445,7 @@ class LlamaCppDecoder(NativeResource):
         if self._batcher is not None:
             self._batcher.left(session)
 
-    def _fill(self, session, ids, slots, features, text, should_stop):
+    def _fill(self, session, ids, slots, features, text, should_stop, pos):
         """Prefill ``session``'s sequence after the longest kept prefix; return last logits."""
         seq = session.seqs[0]
         with self._lock:
@@ -396,10 +453,11 @@ class LlamaCppDecoder(NativeResource):
                 done = session.reused
             else:
                 done, kept = self._prefixes.best(session.prompt_keys)
+                done, start = self._cut(pos, done)
                 if done:
-                    self._ll.llama_memory_seq_cp(self._memory, kept, seq, 0, done)
+                    self._ll.llama_memory_seq_cp(self._memory, kept, seq, 0, start)
         try:
-            logits = self._run_chunks(self._chunks(seq, ids, slots, features, text, done),
+            logits = self._run_chunks(self._chunks(seq, ids, slots, features, text, done, pos),
                                       should_stop)
         except PromptTooLongError:
             with self._lock:
@@ -409,7 +467,7 @@ class LlamaCppDecoder(NativeResource):
                 self._drop_prefixes()
                 self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
             done = 0
-            logits = self._run_chunks(self._chunks(seq, ids, slots, features, text, done),
+            logits = self._run_chunks(self._chunks(seq, ids, slots, features, text, done, pos),
                                       should_stop)
         session.cached_tokens = done
         session.length = int(ids.size)
@@ -424,8 +482,14 @@ class LlamaCppDecoder(NativeResource):
             logits = chunk() if self._batcher is None else self._batcher.chunk(chunk)
         return logits
 
-    def _chunks(self, seq, ids, slots, features, text, done):
-        """Yield the prefill of positions ``done`` onwards as callables, one decode each."""
+    def _chunks(self, seq, ids, slots, features, text, done, pos):
+        """
+        Yield the prefill of prompt rows ``done`` onwards as callables, one decode each.
+
+        ``pos``: int32 [n_pos, seq] positions (M-RoPE), or None for consecutive ones.
+        """
+        if pos is None:
+            pos = np.arange(ids.size, dtype=np.int32)[None]
         if features is not None and self._token_rows is not None:
             # The whole prompt as one embeddings input, text rows dequantized from the GGUF
             # as llama.cpp's own lookup does: it goes through in n_batch chunks like a text
@@ -435,7 +499,8 @@ class LlamaCppDecoder(NativeResource):
             embeds = np.empty((ids.size, self.hidden_size), dtype=np.float32)
             embeds[slots] = features
             embeds[~slots] = self._token_rows(text)
-            yield from self._row_chunks(self._embeddings_batch(), embeds[done:], done, True, seq)
+            yield from self._row_chunks(self._embeddings_batch(), embeds[done:], pos[:, done:],
+                                        True, seq)
             return
         # Alternate runs of text tokens and image embeddings, in prompt order.
         edges = np.flatnonzero(np.diff(slots.astype(np.int8))) + 1
@@ -446,10 +511,13 @@ class LlamaCppDecoder(NativeResource):
             last = end == ids.size
             if slots[begin]:
                 yield from self._row_chunks(self._embeddings_batch(),
-                                            features[used:used + end - begin], begin, last, seq)
+                                            features[used:used + end - begin],
+                                            pos[:, begin:end], last, seq)
                 used += end - begin
             else:
-                yield from self._row_chunks(self._tokens, ids[begin:end], begin, last, seq)
+                # Text positions are equal on every M-RoPE axis: llama.cpp spreads one.
+                yield from self._row_chunks(self._tokens, ids[begin:end], pos[:1, begin:end],
+                                            last, seq)
 
     def keep(self, session, token_ids):
         """
@@ -494,16 +562,17 @@ class LlamaCppDecoder(NativeResource):
     def _embeddings_batch(self):
         with self._lock:
             if self._embeds is None:
-                self._embeds = _Batch(self._ll, self.n_batch, self.hidden_size)
+                self._embeds = _Batch(self._ll, self.n_batch, self.hidden_size, self.n_pos)
                 self._batches.append(self._embeds)
             return self._embeds
 
     def _row_chunks(self, batch, rows, pos, want_last, seq):
         """
-        Yield the decode of ``rows`` of sequence ``seq`` at positions ``pos``... in chunks.
+        Yield the decode of ``rows`` of sequence ``seq`` at positions ``pos`` in chunks.
 
         ``rows`` are token ids for the token batch, embeddings [n, hidden] for the embeddings
-        batch; only the last row's logits are kept, and only when ``want_last``.
+        batch; ``pos`` int32 [axes, n] their positions (one axis, or the batch's n_pos).
+        Only the last row's logits are kept, and only when ``want_last``.
         """
         if batch is not self._tokens:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -511,13 +580,14 @@ class LlamaCppDecoder(NativeResource):
         for at in range(0, len(rows), size):
             chunk = rows[at:at + size]
             last = want_last and at + len(chunk) == len(rows)
-            yield functools.partial(self._decode_rows, batch, chunk, pos + at, last, seq)
+            yield functools.partial(self._decode_rows, batch, chunk, pos[:, at:at + size],
+                                    last, seq)
 
     def _decode_rows(self, batch, chunk, pos, last, seq):
         n = len(chunk)
         with self._lock:
             batch.input[:n] = chunk
-            batch.pos[:n] = np.arange(pos, pos + n, dtype=np.int32)
+            batch.set_positions(pos)
             batch.set_seqs(n, [seq] * n)
             batch.logits[:n] = 0
             if last:
@@ -574,7 +644,7 @@ class LlamaCppDecoder(NativeResource):
         for session, tokens in steps:
             n = len(tokens)
             batch.input[rows:rows + n] = tokens
-            batch.pos[rows:rows + n] = session.length
+            batch.pos[rows:rows + n] = session.length + session.pos_shift
             rows += n
         batch.set_seqs(rows, [seq for session, _ in steps for seq in session.seqs])
         batch.logits[:rows] = 1
@@ -702,19 +772,32 @@ class LlamaCppDecoder(NativeResource):
 
 
 class _Batch:
-    """A llama_batch with numpy views of its arrays, allocated once and reused."""
+    """
+    A llama_batch with numpy views of its arrays, allocated once and reused.
 
-    def __init__(self, L, capacity, n_embd):
+    ``n_pos`` > 1 (an M-RoPE model's embeddings batch): llama.cpp reads ``n_pos`` positions
+    per entry, axis by axis ([axis][entry] for the batch's n_tokens), more than
+    ``llama_batch_init`` allocates; the batch then points at a larger array of its own.
+    """
+
+    def __init__(self, L, capacity, n_embd, n_pos=1):
         self._ll = L
         self.struct = L.llama_batch_init(capacity, n_embd, 1)
         s = self.struct
         self.capacity = capacity
+        self._own_pos = self._allocated_pos = None
+        if n_pos > 1:
+            # The address, not the pointer object: that one shares the struct's field.
+            self._allocated_pos = ctypes.cast(s.pos, ctypes.c_void_p).value
+            self._own_pos = np.zeros(n_pos * capacity, dtype=np.int32)
+            s.pos = self._own_pos.ctypes.data_as(type(s.pos))
         # What the batch carries: embeddings [capacity, n_embd] or token ids [capacity].
         if n_embd:
             self.input = np.ctypeslib.as_array(s.embd, shape=(capacity, n_embd))
         else:
             self.input = np.ctypeslib.as_array(s.token, shape=(capacity,))
-        self.pos = np.ctypeslib.as_array(s.pos, shape=(capacity,))
+        self.pos = (self._own_pos if self._own_pos is not None
+                    else np.ctypeslib.as_array(s.pos, shape=(capacity,)))
         self.logits = np.ctypeslib.as_array(s.logits, shape=(capacity,))
         n_seq = np.ctypeslib.as_array(s.n_seq_id, shape=(capacity,))
         n_seq[:] = 1
@@ -730,8 +813,15 @@ class _Batch:
             self._seq[i][0] = int(want[i])
         self._current[:n] = want
 
+    def set_positions(self, pos):
+        """Positions of the first ``n`` entries: ``pos`` [axes, n], axis-major."""
+        n = pos.shape[1]
+        self.pos[:pos.shape[0] * n] = pos.reshape(-1)
+
     def free(self):
         if self.struct is not None:
+            if self._allocated_pos is not None:  # llama_batch_free frees its own array
+                self.struct.pos = ctypes.cast(self._allocated_pos, type(self.struct.pos))
             self._ll.llama_batch_free(self.struct)
             self.struct = None
 
@@ -744,6 +834,8 @@ class LlamaCppSession(DecoderSession):
         self.bank_index = bank_index
         self.bank = decoder._banks[bank_index]
         self.length = 0
+        self.pos_shift = 0
+        """Position of the next token minus ``length`` (M-RoPE prompts with images)."""
         self.seqs = self.bank[:1]
         self.prompt_keys = np.zeros(0, dtype=np.int64)
         self.cached_tokens = 0

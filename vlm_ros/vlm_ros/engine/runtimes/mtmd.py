@@ -3,14 +3,16 @@ llama.cpp's own multimodal projector (an mmproj GGUF through libmtmd) as the ima
 
 ``MtmdImageEncoder`` takes the rendered prompt text, one media marker per image, and RGB
 images; libmtmd preprocesses and tiles the images, lays out the prompt's tokens around them
-(tile markers included) and runs the projector. ``MtmdVision`` is the pipeline's vision stage
+(tile markers included) and runs the projector; for an M-RoPE language model (Qwen2-VL) it
+also gives each token its multi-axis position, as libmtmd's own decoding helper would.
+``MtmdVision`` is the pipeline's vision stage
 over it: the request it returns has ``input_ids`` with ``image_token_id`` where features go,
 like a model family's, so it is prefilled by ``LlamaCppDecoder.start`` like ONNX features
 are, and decoded token by token by the same ``LlamaCppSession``.
 """
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -45,6 +47,10 @@ class MtmdRequest:
     """float32 [image tokens, hidden] in prompt order, or None without images."""
     image_token_id: int
     num_image_tokens: int
+    positions: Optional[np.ndarray] = None
+    """int64 [3, seq]: M-RoPE positions (temporal, height, width), None for others."""
+    grids: List[Tuple[int, int]] = field(default_factory=list)
+    """Per image: (columns, rows) of its grid of image tokens, when libmtmd tells."""
 
 
 class MtmdImageEncoder(NativeResource):
@@ -53,12 +59,14 @@ class MtmdImageEncoder(NativeResource):
 
     ``prepare(prompt, images)`` returns an ``MtmdRequest``. ``marker`` is the text that
     stands for an image in the prompt (``prepare`` can substitute a family's own
-    placeholder, e.g. ``<image>``, for it).
+    placeholder, e.g. ``<image>``, for it). ``image_tokens`` (min, max) bounds the tokens
+    of one image where the projector resizes to a token budget (Qwen2-VL: libmtmd's own
+    8..4096 unless given; a model folder's processor config gives the model's own).
     """
 
     def __init__(self, mmproj_path, decoder: 'llamacpp.LlamaCppDecoder', n_threads: int = 0,
                  image_token_id: Optional[int] = None, flash_attn: Optional[bool] = None,
-                 warmup: bool = True):
+                 warmup: bool = True, image_tokens: Optional[Tuple[int, int]] = None):
         self._m = M = _mtmd()
         L = llamacpp.lib()
         self._ctx = None
@@ -67,13 +75,18 @@ class MtmdImageEncoder(NativeResource):
         name = os.path.basename(self.path)
         meta = gguf_file.read_metadata(
             self.path, ('general.architecture', 'clip.projector_type',
-                        'clip.vision.projector_type'))
+                        'clip.vision.projector_type', 'clip.vision.patch_size',
+                        'clip.vision.spatial_merge_size'))
         if meta.get('general.architecture') != 'clip':
             raise ModelFilesError(
                 f'{name} is not a multimodal projector (architecture '
                 f'{meta.get("general.architecture")!r}, expected \'clip\')')
         self.projector_type = str(meta.get('clip.projector_type')
                                   or meta.get('clip.vision.projector_type') or '')
+        # Pixels per image token side (patch x merge; Qwen2-VL's merger joins 2x2 patches):
+        # the size the model saw is the token grid times this.
+        self.cell = int(meta.get('clip.vision.patch_size') or 14) * int(
+            meta.get('clip.vision.spatial_merge_size') or 2)
         M.mtmd_log_set(llamacpp.log_callback(), None)
         M.mtmd_helper_log_set(llamacpp.log_callback(), None)
         params = M.mtmd_context_params_default()
@@ -82,6 +95,8 @@ class MtmdImageEncoder(NativeResource):
         params.print_timings = False
         params.warmup = warmup
         params.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
+        if image_tokens is not None:
+            params.image_min_tokens, params.image_max_tokens = (int(n) for n in image_tokens)
         if flash_attn is not None:
             params.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                       else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -94,11 +109,12 @@ class MtmdImageEncoder(NativeResource):
         if not M.mtmd_support_vision(self._ctx):
             self.close()
             raise UnsupportedModelError(f'{name} has no vision encoder (audio only?)')
-        if M.mtmd_decode_use_mrope(self._ctx):
+        self.mrope = bool(M.mtmd_decode_use_mrope(self._ctx))
+        if self.mrope and decoder.n_pos == 1:
             self.close()
-            raise UnsupportedModelError(
-                f'{name} needs M-RoPE (multi-axis) positions, which LlamaCppDecoder does '
-                'not feed')
+            raise ModelMismatchError(
+                f'{name} places image tokens by multi-axis (M-RoPE) positions, but the '
+                f'language model ({decoder.architecture}) takes one position per token')
         self.marker = (M.mtmd_get_marker(self._ctx) or M.mtmd_default_marker()).decode()
         self.image_token_id = (image_token_id if image_token_id is not None
                                else self._find_image_token())
@@ -168,18 +184,34 @@ class MtmdImageEncoder(NativeResource):
         width = self.decoder.hidden_size
         ids: List[np.ndarray] = []
         features: List[np.ndarray] = []
+        positions: List[np.ndarray] = []
+        grids: List[Tuple[int, int]] = []
+        at = 0  # the next position
         for i in range(M.mtmd_input_chunks_size(chunks)):
             chunk = M.mtmd_input_chunks_get(chunks, i)
             kind = M.mtmd_input_chunk_get_type(chunk)
             if kind == _CHUNK_TEXT:
                 ids.append(self._text_ids(chunk))
+                positions.append(np.broadcast_to(
+                    np.arange(at, at + ids[-1].size, dtype=np.int64), (3, ids[-1].size)))
+                at += ids[-1].size
                 continue
             if kind != _CHUNK_IMAGE:
                 raise UnsupportedModelError('only image inputs are supported (got audio)')
             n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
-            if int(M.mtmd_input_chunk_get_n_pos(chunk)) != n:
+            n_pos = int(M.mtmd_input_chunk_get_n_pos(chunk))
+            tokens = M.mtmd_input_chunk_get_tokens_image(chunk)
+            grids.append((int(M.mtmd_image_tokens_get_nx(tokens)),
+                          int(M.mtmd_image_tokens_get_ny(tokens))))
+            if self.mrope:
+                positions.append(self._image_positions(tokens, at, n))
+            elif n_pos != n:
                 raise UnsupportedModelError(f'{self.projector_type} images use '
                                             'positions unlike tokens (not supported)')
+            else:
+                positions.append(np.broadcast_to(np.arange(at, at + n, dtype=np.int64),
+                                                 (3, n)))
+            at += n_pos
             if M.mtmd_decode_use_non_causal(self._ctx, chunk):
                 # LlamaCppDecoder prefills every position causally.
                 raise UnsupportedModelError(
@@ -199,7 +231,18 @@ class MtmdImageEncoder(NativeResource):
         input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         stacked = np.concatenate(features) if features else None
         return MtmdRequest(input_ids, stacked, self.image_token_id,
-                           0 if stacked is None else len(stacked))
+                           0 if stacked is None else len(stacked),
+                           np.concatenate(positions, axis=1) if self.mrope and positions
+                           else None, grids)
+
+    def _image_positions(self, tokens, at, n):
+        """Return the (temporal, height, width) positions of an image's ``n`` tokens."""
+        get = self._m.mtmd_image_tokens_get_decoder_pos
+        out = np.empty((3, n), dtype=np.int64)
+        for i in range(n):
+            pos = get(tokens, at, i)
+            out[:, i] = pos.t, pos.y, pos.x
+        return out
 
     def _text_ids(self, chunk):
         M = self._m
@@ -246,5 +289,9 @@ class MtmdVision:
         laid_out = self.encoder.prepare(request.prompt_text, request.images,
                                         image_placeholder=self.placeholder)
         done = PreparedRequest(laid_out.input_ids, {}, laid_out.image_token_id,
-                               laid_out.num_image_tokens, request.prompt_text, request.images)
+                               laid_out.num_image_tokens, request.prompt_text, request.images,
+                               positions=laid_out.positions,
+                               seen_sizes=[(nx * self.encoder.cell, ny * self.encoder.cell)
+                                           for nx, ny in laid_out.grids]
+                               if laid_out.positions is not None else [])
         return done, laid_out.features

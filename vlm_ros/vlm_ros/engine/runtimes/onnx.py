@@ -314,14 +314,20 @@ class OnnxDecoder:
         out = self.embed.run(None, {'input_ids': ids})[0]
         return out[0].astype(self.embeds_dtype, copy=False)
 
-    def start(self, input_ids, image_features=None, image_token_id=None, should_stop=None):
+    def start(self, input_ids, image_features=None, image_token_id=None, should_stop=None,
+              positions=None):
         """
         Prefill the prompt; returns (session, logits [1, vocab] of the last position).
 
         A prompt longer than PREFILL_CHUNK positions runs in chunks of that many (its
         activations stay bounded); ``should_stop`` is polled between them and ``Cancelled``
-        raised when it returns True.
+        raised when it returns True. Multi-axis (M-RoPE) ``positions`` are refused: the
+        exported decoders take one position per token.
         """
+        if positions is not None:
+            raise UnsupportedModelError(
+                'this prompt places tokens by multi-axis (M-RoPE) positions, which the ONNX '
+                'decoder does not take: run the language model in llama.cpp (a GGUF decoder)')
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         if ids.size + 1 > self.context_length:
             raise PromptTooLongError(
