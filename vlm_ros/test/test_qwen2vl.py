@@ -8,13 +8,13 @@ through the engine's two paths to llama.cpp:
   rotary tables and attention windows as inputs, computed by the family) feeding the
   language model as a ``qwen2vl`` GGUF with M-RoPE positions from the family;
 * llama.cpp's own projector (an mmproj GGUF through libmtmd), which lays the prompt out and
-  places the image tokens itself.
+  places the image tokens itself; the family resizes each image as the processor does
+  first, so libmtmd, which keeps an image already on its grid, encodes the processor's
+  pixels.
 
 The reference is transformers' processor and ``Qwen2VLForConditionalGeneration`` /
 ``Qwen2_5_VLForConditionalGeneration``. llama.cpp runs with an f32 KV cache (exact
-settings). libmtmd resizes with its own bicubic filter and computes the patch embedding in
-float16, so its path is checked token for token on images it does not resize, and for
-layout (ids and positions) on every size.
+settings); libmtmd computes the patch embedding in float16 (features ~5e-4 off, relative).
 """
 
 import os
@@ -43,8 +43,6 @@ NEW_TOKENS = 32
 # the budget; tiny below min_pixels; large above max_pixels.
 SIZES = {'square': (112, 112), 'wide': (300, 110), 'tall': (90, 260), 'odd': (131, 77),
          'tiny': (20, 30), 'large': (640, 480)}
-# Sides on the 28-pixel grid within the budget: libmtmd encodes them unresized.
-ALIGNED = {'aligned': (168, 84), 'upright': (84, 196), 'square': (112, 112)}
 CLASSES = {'qwen2_vl': 'Qwen2VLForConditionalGeneration',
            'qwen2_5_vl': 'Qwen2_5_VLForConditionalGeneration'}
 
@@ -192,17 +190,18 @@ def test_mtmd_lays_out_as_the_processor(qwen, kind):
     assert features.shape == (grid_h * grid_w // 4, ref.config.text_config.hidden_size)
 
 
-@pytest.mark.parametrize('kind', sorted(ALIGNED))
+@pytest.mark.parametrize('kind', sorted(SIZES))
 def test_mtmd_greedy_tokens_match_transformers(qwen, kind):
+    """Images resized by the family as the processor does reach libmtmd on its grid."""
     variant, ref, pipes = qwen
-    image = _image(ALIGNED[kind], seed=3)
+    image = _image(SIZES[kind], seed=3)
     result = pipes['mtmd'].generate(image, PROMPT)
     assert result.token_ids == ref.generate(ref.inputs(image, PROMPT)), f'{variant} {kind}'
 
 
 def test_mtmd_two_images_and_history(qwen):
     variant, ref, pipes = qwen
-    images = [_image(ALIGNED['aligned'], seed=6), _image(ALIGNED['upright'], seed=7)]
+    images = [_image(SIZES['wide'], seed=6), _image(SIZES['tall'], seed=7)]
     history = ('What is it?', 'A robot arm on a table.')
     for imgs, hist in ((images, ()), (images[:1], history)):
         inputs = ref.inputs(imgs, PROMPT, history=hist)
@@ -242,3 +241,23 @@ def test_answers_keep_qwen2_vl_box_markers_on_both_paths(qwen):
     for name, pipe in pipes.items():
         text = pipe.family.decode(ids)
         assert text == (answer if keeps else 'cup(10,20),(300,400)'), (variant, name)
+
+
+def test_mtmd_without_the_model_folder_keeps_libmtmd_bounds(qwen):
+    """GGUFs alone (as ggml-org ships them): libmtmd's 8-4096 tokens, the processor's resize."""
+    from vlm_ros.engine.families.qwen2_vl import LIBMTMD_IMAGE_TOKENS
+    variant, ref, pipes = qwen
+    pipe = vlm_ros.pipeline(None, vision_model=cached_qwen2vl_mmproj(variant, 'f32'),
+                            decoder_model=cached_qwen2vl_gguf(variant, 'f32'), kv_type='f32',
+                            max_new_tokens=NEW_TOKENS)
+    low, high = LIBMTMD_IMAGE_TOKENS
+    size = {'shortest_edge': low * 28 * 28, 'longest_edge': high * 28 * 28}
+    try:
+        for kind in ('tiny', 'large'):
+            image = _image(SIZES[kind], seed=8)
+            inputs = ref.inputs(image, PROMPT, size=size)
+            result = pipe.generate(image, PROMPT)
+            assert result.prompt_tokens == inputs['input_ids'].shape[1], (variant, kind)
+            assert result.token_ids == ref.generate(inputs), (variant, kind)
+    finally:
+        pipe.close()

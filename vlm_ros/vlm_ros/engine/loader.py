@@ -64,7 +64,8 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
         # tokens, Qwen2.5-VL's JSON): the projector type tells which.
         info = family_class.info_for(encoder.projector_type)
         family = GgufChatFamily(spec.decoder, decoder, info)
-        vision = MtmdVision(encoder, info.image_placeholder)
+        vision = MtmdVision(encoder, info.image_placeholder,
+                            family_class.mtmd_image_fitter(bounds))
         memory.trim()
         return Pipeline(family, vision, decoder, defaults, image_options, feature_cache_mb)
 

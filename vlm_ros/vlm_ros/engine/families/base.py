@@ -101,6 +101,17 @@ class ModelFamily:
         """Turn generated token ids into text."""
         raise NotImplementedError
 
+    @classmethod
+    def mtmd_image_fitter(cls, bounds: Optional[Tuple[int, int]] = None):
+        """
+        Return a function resizing an RGB image as the processor would before libmtmd, or None.
+
+        For projectors that keep an image already on their grid (Qwen2-VL's), the family's
+        own resize (the processor's filter and rounding) replaces libmtmd's; ``bounds`` are
+        the (min, max) tokens per image libmtmd was given (None: its own).
+        """
+        return None
+
     def image_token_bounds(self) -> Optional[Tuple[int, int]]:
         """
         Return (min, max) tokens per image where the processor resizes to a token budget.

@@ -43,6 +43,7 @@ image they saw (``PreparedRequest.seen_sizes``).
 """
 
 from dataclasses import dataclass, replace
+import functools
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -84,6 +85,8 @@ DEFAULTS = {
     'image_std': [0.26862954, 0.26130258, 0.27577711], 'patch_size': 14,
     'temporal_patch_size': 2, 'merge_size': 2,
 }
+LIBMTMD_IMAGE_TOKENS = (8, 4096)
+"""The tokens per image libmtmd allows Qwen2-VL's projectors unless told otherwise."""
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
@@ -179,6 +182,17 @@ def rope_positions(input_ids, grids: Sequence[Sequence[int]], image_token_id: in
     if pending:
         raise ValueError(f'{len(pending)} image grid(s) left without image tokens')
     return positions
+
+
+def fit_to_grid(rgb: np.ndarray, factor: int, min_pixels: int, max_pixels: int,
+                resample: int) -> np.ndarray:
+    """Resize an RGB uint8 image as the processor does (``smart_resize``, then Pillow)."""
+    height, width = rgb.shape[:2]
+    if max(height, width) > MAX_ASPECT_RATIO * max(1, min(height, width)):
+        raise ImageError(f'a {width}x{height} image has an aspect ratio over '
+                         f'{MAX_ASPECT_RATIO}, which Qwen2-VL refuses')
+    h, w = grounding.smart_resize(height, width, factor, min_pixels, max_pixels)
+    return images.resize(rgb, h, w, resample)
 
 
 def vision_tower_inputs(grid: Sequence[int], head_dim: int, merge_size: int,
@@ -483,6 +497,22 @@ class Qwen2VLFamily(TemplatedFamily):
         request.positions = rope_positions(request.input_ids, [p.grid for p in plans],
                                            self.image_token_id, self.merge_size)
         return request
+
+    @classmethod
+    def mtmd_image_fitter(cls, bounds: Optional[Tuple[int, int]] = None):
+        """
+        Return the processor's resize for libmtmd's path, within ``bounds`` tokens per image.
+
+        libmtmd resizes with its own bicubic filter and rounds a half-way side up; an image
+        already on the 28-pixel grid within its bounds it keeps as it is. Resized here as the
+        processor does (Pillow bicubic, sides rounded half to even), the image reaches the
+        projector with the processor's pixels. Published checkpoints' patch (14) and merge
+        (2) sizes; ``bounds`` None: libmtmd's own (``LIBMTMD_IMAGE_TOKENS``).
+        """
+        low, high = bounds or LIBMTMD_IMAGE_TOKENS
+        factor = DEFAULTS['patch_size'] * DEFAULTS['merge_size']
+        return functools.partial(fit_to_grid, factor=factor, min_pixels=low * factor ** 2,
+                                 max_pixels=high * factor ** 2, resample=DEFAULTS['resample'])
 
     def image_token_bounds(self) -> Tuple[int, int]:
         """Return the processor's pixel budget in merged tokens (min, max) per image."""

@@ -14,7 +14,7 @@ are, and decoded token by token by the same ``LlamaCppSession``.
 import ctypes
 from dataclasses import dataclass, field
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -279,14 +279,20 @@ class MtmdVision:
     encodes_per_image = False
     """libmtmd encodes the prompt's images itself, in one layout pass."""
 
-    def __init__(self, encoder: MtmdImageEncoder, placeholder: str = '<image>'):
+    def __init__(self, encoder: MtmdImageEncoder, placeholder: str = '<image>',
+                 fit_image: Optional[Callable[[np.ndarray], np.ndarray]] = None):
         self.encoder = encoder
         self.placeholder = placeholder
+        self.fit_image = fit_image
+        """A family's own resize (its processor's filter and rounding), applied before
+        libmtmd, which keeps an image already on its grid as it is (Qwen2-VL)."""
 
     def encode(self, request: PreparedRequest
                ) -> Tuple[PreparedRequest, Optional[np.ndarray]]:
         """Lay the prompt out and encode: ``(request with input_ids, features or None)``."""
-        laid_out = self.encoder.prepare(request.prompt_text, request.images,
+        images = request.images if self.fit_image is None else \
+            [self.fit_image(image) for image in request.images]
+        laid_out = self.encoder.prepare(request.prompt_text, images,
                                         image_placeholder=self.placeholder)
         done = PreparedRequest(laid_out.input_ids, {}, laid_out.image_token_id,
                                laid_out.num_image_tokens, request.prompt_text, request.images,
