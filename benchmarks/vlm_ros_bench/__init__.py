@@ -12,6 +12,9 @@ Modules:
     report        -- statistics, the JSON document, the markdown table and the chart.
     schema        -- the JSON document's schema check.
     profile_decode -- cProfile of our decode loop (per-token overhead of our own code).
+    qwen2vl       -- the Qwen2-VL run (``python -m vlm_ros_bench qwen2vl``): random weights at
+                     Qwen2-VL-2B's shapes (qwen2vl_models) on our ONNX vision encoder, libmtmd
+                     and raw llama.cpp with a Q4_0 GGUF, and transformers (qwen2vl_worker).
 
 Nothing here is imported by the runtime package.
 """

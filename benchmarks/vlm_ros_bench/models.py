@@ -428,7 +428,17 @@ def load_manifest(model_dir):
 
 def cached_bench_model(name, rebuild=False):
     """Return the manifest of model ``name``, building it (minutes) when not cached."""
-    target = model_path(name)
+    return cached_build(name, model_path(name), lambda out: build_model(name, out), rebuild)
+
+
+def cached_build(name, target, build, rebuild=False):
+    """
+    Return the manifest in ``target``, first running ``build(folder)`` when there is none.
+
+    The build goes to a temporary folder beside ``target`` and is renamed into place, so an
+    interrupted build leaves nothing that looks complete; older builds of ``name`` (other
+    hashes) are removed afterwards.
+    """
     if os.path.isdir(target) and not rebuild:
         manifest = load_manifest(target)
         if manifest is not None:
@@ -437,7 +447,7 @@ def cached_bench_model(name, rebuild=False):
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f'.build-{name}-', dir=root)
     try:
-        build_model(name, tmp)
+        build(tmp)
         # The manifest names its own folder: rewrite it for the final location.
         manifest = load_manifest(tmp)
         manifest['model_dir'] = target

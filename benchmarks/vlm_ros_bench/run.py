@@ -17,8 +17,8 @@ import sys
 import tempfile
 import time
 
-from vlm_ros_bench import (action_stream, common, hardware, models, overhead, paths, report,
-                           schema, SCHEMA_VERSION)
+from vlm_ros_bench import (action_stream, common, hardware, models, overhead, paths, qwen2vl,
+                           report, schema, SCHEMA_VERSION)
 
 DEFAULT_MODELS = ('smolvlm2-256m', 'smolvlm2-500m')
 
@@ -318,13 +318,16 @@ def _write(doc):
 
 
 def rerender(argv):
-    """Re-render markdown and chart of results JSON files (``report`` sub-command)."""
+    """Re-render markdown and chart of results JSON files (``report``; Qwen2-VL's too)."""
     if not argv or any(a.startswith('-') for a in argv):
         print('usage: python -m vlm_ros_bench report RESULTS.json [...]', file=sys.stderr)
         return 2
     for path in argv:
         with open(path, encoding='utf-8') as f:
             doc = json.load(f)
+        if qwen2vl.is_qwen2vl_document(doc):
+            qwen2vl.rerender(path)
+            continue
         stem = os.path.abspath(path)[:-len('.json')]
         doc.setdefault('overhead_paired', None)  # results from before the section existed
         doc.setdefault('concurrency', None)

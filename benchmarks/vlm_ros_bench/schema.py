@@ -134,6 +134,39 @@ DOCUMENT = {
     'reuse': ListOf(REUSE), 'concurrency': opt(CONCURRENCY),
     'artifacts': {'json': str, 'markdown': str, 'chart': opt(str), 'chart_skipped': opt(str)},
 }
+QWEN2VL_MODEL = {
+    'name': str, 'hub_id': str, 'random_weights': bool, 'model_dir': str,
+    'shapes': {'text': dict, 'vision': dict},
+    'params': {'vision': int, 'connector': int, 'text_layers': int, 'embedding': int,
+               'lm_head_untied': int, 'total': int},
+    'pixels': {'min': int, 'max': int}, 'files': dict,
+    'sizes': {'gguf': dict, 'mmproj_mb': NUM, 'onnx_mb': dict, 'checkpoint_mb': NUM},
+    'build_s': dict,
+}
+QWEN2VL_RUN = dict(RUN, timings={name: opt(STATS) for name in TIMING_NAMES + ('ttft_ms',)},
+                   decode={'weight_bytes_per_token': NUM, 'achieved_gbps': opt(NUM)})
+QWEN2VL_COMPARISON = {
+    'path': str, 'ttft_ms': NUM, 'tpot_ms': NUM, 'peak_rss_mb': opt(NUM),
+    'raw_ttft_ms': opt(NUM), 'raw_tpot_ms': opt(NUM), 'raw_peak_rss_mb': opt(NUM),
+    'ttft_vs_raw': opt(NUM), 'tpot_overhead_ms': opt(NUM), 'tpot_overhead_fraction': opt(NUM),
+    'tpot_ranges_overlap': opt(bool),
+    'reference_ttft_ms': opt(NUM), 'ttft_vs_reference': opt(NUM),
+}
+QWEN2VL_DOCUMENT = {
+    'schema_version': int, 'created': str, 'command': str, 'mode': str, 'note': opt(str),
+    'duration_s': NUM,
+    'settings': {'threads': int, 'new_tokens': int, 'warmup': int, 'repetitions': int,
+                 'reference_repetitions': int, 'prompt': str,
+                 'image': {'width': int, 'height': int, 'kind': str, 'resized_width': int,
+                           'resized_height': int, 'image_tokens': int},
+                 'pixel_budget': {'min_pixels': int, 'max_pixels': int},
+                 'image_token_bounds': ListOf(int), 'n_ctx': int, 'paths': ListOf(str),
+                 'model': str, 'ignore_eos': bool},
+    'machine': MACHINE, 'model': QWEN2VL_MODEL, 'runs': ListOf(QWEN2VL_RUN),
+    'comparison': ListOf(QWEN2VL_COMPARISON),
+    'artifacts': {'json': str, 'markdown': str},
+}
+"""The Qwen2-VL run's document (``python -m vlm_ros_bench qwen2vl``)."""
 
 
 def _name(types):
@@ -173,4 +206,11 @@ def validate(document):
     """Return the list of problems of a benchmark document (empty: well formed)."""
     problems = []
     check(document, DOCUMENT, '$', problems)
+    return problems
+
+
+def validate_qwen2vl(document):
+    """Return the list of problems of a Qwen2-VL results document (empty: well formed)."""
+    problems = []
+    check(document, QWEN2VL_DOCUMENT, '$', problems)
     return problems

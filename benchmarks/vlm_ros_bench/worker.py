@@ -271,10 +271,10 @@ RUNNERS = {'pipeline': PipelineRunner, 'mtmd': PipelineRunner,
            'transformers': TransformersRunner, 'raw': RawLlamaRunner}
 
 
-def run_spec(spec):
-    """Run every case of ``spec``; return the worker's JSON-ready result."""
+def run_spec(spec, runners=None):
+    """Run every case of ``spec`` (``runners``: kind -> class); return the JSON-ready result."""
     image = common.bench_image(spec['image_size'])
-    runner = RUNNERS[spec['path']['kind']](spec)
+    runner = (runners or RUNNERS)[spec['path']['kind']](spec)
     cases = []
     for case in spec['cases']:
         common.reset_peak_rss()

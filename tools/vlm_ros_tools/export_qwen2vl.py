@@ -80,8 +80,22 @@ class VisionEncoderGraph(nn.Module):
         return visual.merger(hidden)
 
 
+SINGLE_FILE_LIMIT = 1800 * 2 ** 20
+"""Weights above this go to ``vision_encoder.onnx.data`` (protobuf stops at 2 GB)."""
+
+
 def export_vision_encoder(model, path):
-    """Write ``vision_encoder.onnx`` (traced on a 4x6 patch grid)."""
+    """
+    Write ``vision_encoder.onnx`` (traced on a 4x6 patch grid).
+
+    ``model`` needs only ``model.model.visual`` and ``model.config``. A graph whose weights
+    pass ``SINGLE_FILE_LIMIT`` (the published 2B tower in float32: 2.5 GB) keeps them in one
+    ``vision_encoder.onnx.data`` beside it, which ONNX Runtime reads from there.
+    """
+    import tempfile
+
+    import onnx
+
     vision = model.config.vision_config
     dim = getattr(vision, 'embed_dim', None) or vision.hidden_size
     head_dim = dim // vision.num_heads
@@ -96,9 +110,25 @@ def export_vision_encoder(model, path):
         names.append('window_ids')
         axes['window_ids'] = {0: 'patches'}
     axes['image_features'] = {0: 'tokens'}
-    export_onnx._export(graph, tuple(args), path, names, ['image_features'], axes)
-    text_hidden = model.config.text_config.hidden_size
-    export_onnx._set_output_dims(path, 'image_features', {1: text_hidden})
+    out_dir = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(prefix='.export-', dir=out_dir) as tmp:
+        traced = os.path.join(tmp, 'vision_encoder.onnx')
+        export_onnx._export(graph, tuple(args), traced, names, ['image_features'], axes)
+        size = sum(os.path.getsize(os.path.join(tmp, name)) for name in os.listdir(tmp))
+        proto = onnx.load(traced)  # with its weights, wherever torch put them
+        # The exporter loses the (static) feature width; write it back.
+        width = model.config.text_config.hidden_size
+        for output in proto.graph.output:
+            if output.name == 'image_features':
+                dim = output.type.tensor_type.shape.dim[1]
+                dim.Clear()
+                dim.dim_value = int(width)
+        if size <= SINGLE_FILE_LIMIT:
+            onnx.save_model(proto, path)
+        else:
+            onnx.save_model(proto, path, save_as_external_data=True,
+                            all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + '.data', size_threshold=1024)
 
 
 def export_qwen2vl_onnx(model_dir, onnx_dir=None, quantize_int8=True):

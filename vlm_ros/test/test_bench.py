@@ -4,7 +4,9 @@ The benchmark harness end to end on the tiny test model: complete, well-formed r
 ``python -m vlm_ros_bench --tiny`` runs every path (transformers, ONNX Runtime fp32 / int8,
 ONNX vision + llama.cpp f16 / Q8_0 / Q4_0, libmtmd, raw llama.cpp) with image splitting off
 and on, the hardware probes and the ROS overhead through a real vlm_node, and writes JSON and
-markdown. Only the shape of the results is checked, never a speed.
+markdown. ``python -m vlm_ros_bench qwen2vl --tiny`` does the same for Qwen2-VL on the tiny
+``qwen2-a``: transformers, our ONNX vision encoder and libmtmd feeding a Q4_0 GGUF, and raw
+llama.cpp through libmtmd's helpers. Only the shape of the results is checked, never a speed.
 """
 
 import json
@@ -225,3 +227,82 @@ def test_concurrency_measured(tiny_results):
         assert level['tpot_ms']['n'] == level['requests'] * part['repetitions']
     assert set(part['levels'][0]['step_batches']) == {'1'}  # a request alone steps alone
     assert '## Concurrent requests: continuous batching' in (out / 'tiny.md').read_text()
+
+
+# -- Qwen2-VL (python -m vlm_ros_bench qwen2vl) -------------------------------------------------
+
+@pytest.fixture(scope='module')
+def qwen2vl_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench_qwen2vl')
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(
+        [str(REPO / 'benchmarks'), str(REPO / 'tools'), env.get('PYTHONPATH', '')])
+    run = subprocess.run([sys.executable, '-m', 'vlm_ros_bench', 'qwen2vl', '--tiny', '--out',
+                          str(out), '--name', 'qwen2vl-tiny'], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-6000:]
+    return out, json.loads((out / 'qwen2vl-tiny.json').read_text())
+
+
+def test_qwen2vl_results_match_the_schema(qwen2vl_results):
+    _, doc = qwen2vl_results
+    assert schema.validate_qwen2vl(doc) == []
+    assert doc['mode'] == 'tiny' and doc['model']['name'] == 'tiny-qwen2-a'
+    assert doc['settings']['threads'] == os.cpu_count()
+    broken = json.loads(json.dumps(doc))
+    del broken['runs'][0]['timings']['ttft_ms']
+    assert any("missing 'ttft_ms'" in p for p in schema.validate_qwen2vl(broken))
+
+
+def test_qwen2vl_every_path_ran(qwen2vl_results):
+    from vlm_ros_bench import qwen2vl
+
+    _, doc = qwen2vl_results
+    assert [r['path'] for r in doc['runs']] == list(qwen2vl.DEFAULT_PATHS)
+    for r in doc['runs']:
+        assert r['status'] == 'ok', f'{r["path"]}: {r["error"]}'
+        t = r['timings']
+        for name in ('preprocess_ms', 'vision_ms', 'prefill_ms', 'ttft_ms', 'decode_ms',
+                     'tpot_ms', 'e2e_ms'):
+            assert t[name] and t[name]['n'] == r['repetitions'] >= 1, f'{r["path"]}: {name}'
+        assert t['ttft_ms']['median'] == pytest.approx(sum(
+            t[k]['median'] for k in ('preprocess_ms', 'vision_ms', 'prefill_ms')))
+        assert r['peak_rss_mb'] > 0 and r['model_files_mb'] > 0, r['path']
+        assert r['decode']['weight_bytes_per_token'] > 0 and r['decode']['achieved_gbps'] > 0
+
+
+def test_qwen2vl_paths_see_the_same_prompt(qwen2vl_results):
+    """Ours, libmtmd's layout, the raw helpers and transformers: the same tokens."""
+    _, doc = qwen2vl_results
+    expected = doc['settings']['image']['image_tokens']
+    assert expected > 0
+    assert {r['image_tokens'] for r in doc['runs']} == {expected}
+    assert len({r['prompt_tokens'] for r in doc['runs']}) == 1
+    assert doc['runs'][0]['prompt_tokens'] > expected
+
+
+def test_qwen2vl_compared_with_raw_llamacpp_and_the_reference(qwen2vl_results):
+    out, doc = qwen2vl_results
+    rows = {c['path']: c for c in doc['comparison']}
+    assert set(rows) == {'onnx-int8-vision+llamacpp-q4_0', 'onnx-vision+llamacpp-q4_0',
+                         'mtmd+llamacpp-q4_0'}
+    for c in rows.values():
+        assert c['raw_tpot_ms'] > 0 and c['reference_ttft_ms'] > 0
+        assert c['tpot_overhead_ms'] == pytest.approx(c['tpot_ms'] - c['raw_tpot_ms'])
+        assert c['ttft_vs_reference'] == pytest.approx(c['ttft_ms'] / c['reference_ttft_ms'])
+    text = (out / 'qwen2vl-tiny.md').read_text()
+    assert doc['command'] in text
+    for heading in ('## Time per phase, first token and memory',
+                    '## Our engine against raw llama.cpp and the reference', '## Model files'):
+        assert heading in text
+
+
+def test_make_bench_runs_qwen2vl_after_the_main_run():
+    """``run --qwen2vl`` (what scripts/bench.sh passes) hands its settings on."""
+    import argparse
+
+    import vlm_ros_bench.__main__ as cli
+
+    args = argparse.Namespace(out='results', threads=3, tiny=True, rebuild=False)
+    assert cli.qwen2vl_arguments(args) == ['--out', 'results', '--threads', '3', '--tiny']
+    assert 'run --qwen2vl "$@"' in (REPO / 'scripts' / 'bench.sh').read_text()

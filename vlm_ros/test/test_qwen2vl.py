@@ -244,7 +244,7 @@ def test_answers_keep_qwen2_vl_box_markers_on_both_paths(qwen):
 
 
 def test_mtmd_without_the_model_folder_keeps_libmtmd_bounds(qwen):
-    """GGUFs alone (as ggml-org ships them): libmtmd's 8-4096 tokens, the processor's resize."""
+    """Check GGUFs alone (as ggml-org ships them): libmtmd's 8-4096 tokens per image."""
     from vlm_ros.engine.families.qwen2_vl import LIBMTMD_IMAGE_TOKENS
     variant, ref, pipes = qwen
     pipe = vlm_ros.pipeline(None, vision_model=cached_qwen2vl_mmproj(variant, 'f32'),
