@@ -32,6 +32,8 @@ import sys
 import numpy as np
 
 from vlm_ros.engine.errors import VlmError
+from vlm_ros.engine.families.internvl import InternVLFamily
+from vlm_ros.engine.families.qwen2_vl import Qwen2VLFamily
 from vlm_ros.models_cli import download, hashing, manifest, transfer
 
 FEATURE_TOLERANCE = 1e-3
@@ -212,7 +214,7 @@ def _greedy(model, n, **inputs):
 class InternVLVisionOnnx:
     """The InternVL vision tower, pixel shuffle and projector as ``vision_encoder.onnx``."""
 
-    families = ('internvl',)
+    families = (InternVLFamily.info.key,)
 
     @staticmethod
     def make(model, folder, path):
@@ -266,7 +268,7 @@ class InternVLVisionOnnx:
 class Qwen2GgufQ8:
     """The Qwen2 language model (InternVL's) as a Q8_0 GGUF for llama.cpp (``gguf_export``)."""
 
-    families = ('internvl',)
+    families = (InternVLFamily.info.key,)
     arch = 'qwen2'
 
     @classmethod
@@ -293,7 +295,7 @@ class Qwen2VLGgufQ8(Qwen2GgufQ8):
     M-RoPE axis, so llama.cpp and transformers place it alike.
     """
 
-    families = ('qwen2_vl',)
+    families = (Qwen2VLFamily.info.key,)
     arch = 'qwen2vl'
 
 
@@ -345,7 +347,7 @@ class Qwen2VLMmprojF16:
     vision tower is small beside the language model.
     """
 
-    families = ('qwen2_vl',)
+    families = (Qwen2VLFamily.info.key,)
     ftype = 'f16'
     tolerance = MMPROJ_F16_TOLERANCE
 
