@@ -266,34 +266,24 @@ def load_vision_tower(model_dir):
     return SimpleNamespace(model=SimpleNamespace(visual=visual.eval()), config=config)
 
 
-def export_vision_onnx(model_dir, quantize_int8=True):
+def export_vision_onnx(model_dir):
     """
-    Export the project's ONNX vision encoder of a (large) Qwen2-VL; return name -> file.
+    Export the project's fp32 ONNX vision encoder of a (large) Qwen2-VL; return its path.
 
     ``export_qwen2vl``'s exporter on the vision tower alone (``load_vision_tower``); at the
-    2B size its weights go to ``vision_encoder.onnx.data``.
+    2B size its weights go to ``vision_encoder.onnx.data``. The int8 graph is a separate
+    build step (its own process: quantising peaks far above the export).
     """
-    from vlm_ros_tools import export_onnx, export_qwen2vl
+    import torch
+    from vlm_ros_tools import export_qwen2vl
 
     onnx_dir = os.path.join(model_dir, 'onnx')
     os.makedirs(onnx_dir, exist_ok=True)
     path = os.path.join(onnx_dir, 'vision_encoder.onnx')
     model = load_vision_tower(model_dir)
-    with _no_grad():
+    with torch.no_grad():
         export_qwen2vl.export_vision_encoder(model, path)
-    del model
-    gc.collect()
-    written = {'vision_encoder': path}
-    if quantize_int8:
-        int8 = os.path.join(onnx_dir, 'vision_encoder' + export_onnx.INT8_SUFFIX + '.onnx')
-        export_onnx.quantize_graph_int8(path, int8)
-        written['vision_encoder' + export_onnx.INT8_SUFFIX] = int8
-    return written
-
-
-def _no_grad():
-    import torch
-    return torch.no_grad()
+    return path
 
 
 # -- manifest -------------------------------------------------------------------------------
@@ -384,7 +374,7 @@ def build_model(out_dir):
          export_mmproj_gguf, (out_dir, os.path.join(out_dir, files['mmproj']['path'])),
          {'ftype': MMPROJ_TYPE}),
         ('onnx_fp32_s', 'exporting the ONNX vision encoder (fp32, export_qwen2vl graph)',
-         export_vision_onnx, (out_dir,), {'quantize_int8': False}),
+         export_vision_onnx, (out_dir,), {}),
         ('onnx_int8_s', 'quantising the ONNX vision encoder to int8',
          quantize_graph_int8, (onnx_fp32, onnx_int8), {}),
     )

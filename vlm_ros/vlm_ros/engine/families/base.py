@@ -280,6 +280,24 @@ class TemplatedFamily(ModelFamily):
     frame_axis = 0
     """Axis of the vision inputs along which several images' frames are concatenated."""
 
+    def read_pixel_settings(self, cfg, source):
+        """
+        Read a preprocessor config's resampling filter, rescale and normalisation settings.
+
+        Sets ``resample``, ``do_rescale``, ``rescale_factor``, ``do_normalize``,
+        ``image_mean``, ``image_std`` and the lookup tables ``images.apply_tables`` uses;
+        ``source`` names the file in errors.
+        """
+        self.resample = parse_resample(cfg['resample'], source)
+        self.do_rescale = bool(cfg['do_rescale'])
+        self.do_normalize = bool(cfg['do_normalize'])
+        self.rescale_factor = float(cfg['rescale_factor'])
+        self.image_mean = three_floats(cfg['image_mean'], 'image_mean', source)
+        self.image_std = three_floats(cfg['image_std'], 'image_std', source)
+        self._tables = image_utils.normalize_tables(self.rescale_factor, self.image_mean,
+                                                    self.image_std, self.do_rescale,
+                                                    self.do_normalize)
+
     def preprocess(self, image, image_options):
         """Return (vision_inputs, plan) for an image."""
         raise NotImplementedError

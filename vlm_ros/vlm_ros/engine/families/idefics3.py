@@ -42,9 +42,8 @@ from vlm_ros.engine import grounding, images
 from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_token_pattern
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
-from vlm_ros.engine.families.base import (FamilyInfo, parse_resample, read_config,
-                                          read_eos_ids, TemplatedFamily, three_floats,
-                                          vision_shape)
+from vlm_ros.engine.families.base import (FamilyInfo, read_config, read_eos_ids,
+                                          TemplatedFamily, vision_shape)
 from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -210,16 +209,8 @@ class Idefics3Family(TemplatedFamily):
         if not max_image_size.get('longest_edge'):
             raise ModelFilesError(f"{source}: max_image_size needs 'longest_edge'")
         self.tile_size = int(max_image_size['longest_edge'])
-        self.resample = parse_resample(cfg['resample'], source)
         self.do_image_splitting = bool(cfg['do_image_splitting'])
-        self.do_rescale = bool(cfg['do_rescale'])
-        self.do_normalize = bool(cfg['do_normalize'])
-        self.rescale_factor = float(cfg['rescale_factor'])
-        self.image_mean = three_floats(cfg['image_mean'], 'image_mean', source)
-        self.image_std = three_floats(cfg['image_std'], 'image_std', source)
-        self._tables = images.normalize_tables(self.rescale_factor, self.image_mean,
-                                               self.image_std, self.do_rescale,
-                                               self.do_normalize)
+        self.read_pixel_settings(cfg, source)
 
     def _read_tokens(self, model_dir, config):
         tok = self.tokenizer

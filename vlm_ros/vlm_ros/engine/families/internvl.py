@@ -48,9 +48,8 @@ from vlm_ros.engine.chat_template import (ChatTemplate, CONTROL_START, control_t
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    UnsupportedModelError)
-from vlm_ros.engine.families.base import (FamilyInfo, parse_resample,
-                                          read_config, read_eos_ids, TemplatedFamily,
-                                          three_floats, vision_shape)
+from vlm_ros.engine.families.base import (FamilyInfo, read_config, read_eos_ids,
+                                          TemplatedFamily, vision_shape)
 from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -166,9 +165,6 @@ class InternVLFamily(TemplatedFamily):
             self._read_hf(model_dir, config)
         else:
             self._read_chat(model_dir, config)
-        self._tables = images.normalize_tables(self.rescale_factor, self.image_mean,
-                                               self.image_std, self.do_rescale,
-                                               self.do_normalize)
         self._read_tokens(model_dir, config)
         # model.chat stops at the conversation separator, the tokenizer's <|im_end|>.
         self.eos_token_ids = read_eos_ids(model_dir, config, text, self.tokenizer,
@@ -212,7 +208,7 @@ class InternVLFamily(TemplatedFamily):
         if not cfg['do_resize']:
             raise UnsupportedModelError(f'{source}: do_resize false is not supported (the '
                                         'vision encoder takes tiles of one size)')
-        self._read_pixels(cfg, source)
+        self.read_pixel_settings(cfg, source)
         self.min_num = int(cfg['min_patches'])
         self.max_num = int(cfg['max_patches'])
         # InternVLProcessor passes crop_to_patches=True whatever the image processor says.
@@ -251,21 +247,13 @@ class InternVLFamily(TemplatedFamily):
                'image_mean': IMAGENET_MEAN, 'image_std': IMAGENET_STD, 'resample': BICUBIC}
         pre = load_json(model_dir, 'preprocessor_config.json', required=False)
         cfg.update({k: pre[k] for k in ('image_mean', 'image_std', 'resample') if k in pre})
-        self._read_pixels(cfg, f'{model_dir}/preprocessor_config.json')
+        self.read_pixel_settings(cfg, f'{model_dir}/preprocessor_config.json')
         merged = {**CHAT_DEFAULTS, **config}
         self.min_num = int(merged['min_dynamic_patch'])
         self.max_num = int(merged['max_dynamic_patch'])
         self.use_thumbnail = bool(merged['use_thumbnail'])
         self.do_image_splitting = bool(merged['dynamic_image_size'])
         self.image_seq_length = self._vision_geometry(config, self.tile_size)
-
-    def _read_pixels(self, cfg, source):
-        self.resample = parse_resample(cfg['resample'], source)
-        self.do_rescale = bool(cfg['do_rescale'])
-        self.do_normalize = bool(cfg['do_normalize'])
-        self.rescale_factor = float(cfg['rescale_factor'])
-        self.image_mean = three_floats(cfg['image_mean'], 'image_mean', source)
-        self.image_std = three_floats(cfg['image_std'], 'image_std', source)
 
     def _read_tokens(self, model_dir, config):
         tok = self.tokenizer

@@ -53,9 +53,8 @@ from vlm_ros.engine import grounding, images
 from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_token_pattern
 from vlm_ros.engine.datatypes import ImageOptions, PreparedRequest
 from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
-from vlm_ros.engine.families.base import (decode_keeping, FamilyInfo, parse_resample,
-                                          read_config, read_eos_ids, TemplatedFamily,
-                                          three_floats)
+from vlm_ros.engine.families.base import (decode_keeping, FamilyInfo, read_config,
+                                          read_eos_ids, TemplatedFamily)
 from vlm_ros.engine.model_files import load_json
 from vlm_ros.engine.tokenizer import Tokenizer
 
@@ -342,18 +341,10 @@ class Qwen2VLFamily(TemplatedFamily):
         cfg = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
         self.min_pixels, self.max_pixels = self._pixel_budget(given, source)
         self.do_resize = bool(cfg['do_resize'])
-        self.resample = parse_resample(cfg['resample'], source)
-        self.do_rescale = bool(cfg['do_rescale'])
-        self.do_normalize = bool(cfg['do_normalize'])
-        self.rescale_factor = float(cfg['rescale_factor'])
-        self.image_mean = three_floats(cfg['image_mean'], 'image_mean', source)
-        self.image_std = three_floats(cfg['image_std'], 'image_std', source)
+        self.read_pixel_settings(cfg, source)
         self.patch_size = _positive_int(cfg, 'patch_size', source)
         self.temporal_patch_size = _positive_int(cfg, 'temporal_patch_size', source)
         self.merge_size = _positive_int(cfg, 'merge_size', source)
-        self._tables = images.normalize_tables(self.rescale_factor, self.image_mean,
-                                               self.image_std, self.do_rescale,
-                                               self.do_normalize)
 
     @staticmethod
     def _pixel_budget(given, source) -> Tuple[int, int]:

@@ -50,7 +50,7 @@ class MtmdRequest:
     positions: Optional[np.ndarray] = None
     """int64 [3, seq]: M-RoPE positions (temporal, height, width), None for others."""
     grids: List[Tuple[int, int]] = field(default_factory=list)
-    """Per image: (columns, rows) of its grid of image tokens, when libmtmd tells."""
+    """Per image: (columns, rows) of its grid of image tokens (M-RoPE projectors)."""
 
 
 class MtmdImageEncoder(NativeResource):
@@ -184,7 +184,7 @@ class MtmdImageEncoder(NativeResource):
         width = self.decoder.hidden_size
         ids: List[np.ndarray] = []
         features: List[np.ndarray] = []
-        positions: List[np.ndarray] = []
+        positions: List[np.ndarray] = []  # M-RoPE only: others take consecutive ones
         grids: List[Tuple[int, int]] = []
         at = 0  # the next position
         for i in range(M.mtmd_input_chunks_size(chunks)):
@@ -192,25 +192,23 @@ class MtmdImageEncoder(NativeResource):
             kind = M.mtmd_input_chunk_get_type(chunk)
             if kind == _CHUNK_TEXT:
                 ids.append(self._text_ids(chunk))
-                positions.append(np.broadcast_to(
-                    np.arange(at, at + ids[-1].size, dtype=np.int64), (3, ids[-1].size)))
+                if self.mrope:
+                    positions.append(np.broadcast_to(
+                        np.arange(at, at + ids[-1].size, dtype=np.int64), (3, ids[-1].size)))
                 at += ids[-1].size
                 continue
             if kind != _CHUNK_IMAGE:
                 raise UnsupportedModelError('only image inputs are supported (got audio)')
             n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
             n_pos = int(M.mtmd_input_chunk_get_n_pos(chunk))
-            tokens = M.mtmd_input_chunk_get_tokens_image(chunk)
-            grids.append((int(M.mtmd_image_tokens_get_nx(tokens)),
-                          int(M.mtmd_image_tokens_get_ny(tokens))))
             if self.mrope:
-                positions.append(self._image_positions(tokens, at, n))
+                image = self._image_positions(M.mtmd_input_chunk_get_tokens_image(chunk), at, n)
+                positions.append(image)
+                # The token grid: columns and rows past the image's first position.
+                grids.append((int(image[2].max()) - at + 1, int(image[1].max()) - at + 1))
             elif n_pos != n:
                 raise UnsupportedModelError(f'{self.projector_type} images use '
                                             'positions unlike tokens (not supported)')
-            else:
-                positions.append(np.broadcast_to(np.arange(at, at + n, dtype=np.int64),
-                                                 (3, n)))
             at += n_pos
             if M.mtmd_decode_use_non_causal(self._ctx, chunk):
                 # LlamaCppDecoder prefills every position causally.
@@ -232,8 +230,7 @@ class MtmdImageEncoder(NativeResource):
         stacked = np.concatenate(features) if features else None
         return MtmdRequest(input_ids, stacked, self.image_token_id,
                            0 if stacked is None else len(stacked),
-                           np.concatenate(positions, axis=1) if self.mrope and positions
-                           else None, grids)
+                           np.concatenate(positions, axis=1) if positions else None, grids)
 
     def _image_positions(self, tokens, at, n):
         """Return the (temporal, height, width) positions of an image's ``n`` tokens."""
@@ -298,6 +295,5 @@ class MtmdVision:
                                laid_out.num_image_tokens, request.prompt_text, request.images,
                                positions=laid_out.positions,
                                seen_sizes=[(nx * self.encoder.cell, ny * self.encoder.cell)
-                                           for nx, ny in laid_out.grids]
-                               if laid_out.positions is not None else [])
+                                           for nx, ny in laid_out.grids])
         return done, laid_out.features
