@@ -171,6 +171,7 @@ class RosClient:
         """
         client = self.client(srv_type, name, timeout=timeout)
         deadline = time.monotonic() + timeout
+        unanswered = 0
         while True:
             future = client.call_async(request)
             resend_at = time.monotonic() + (resend_every or timeout)
@@ -179,6 +180,13 @@ class RosClient:
             if future.done() or time.monotonic() >= deadline:
                 break
             client.remove_pending_request(future)
+            unanswered += 1
+            if unanswered % 2 == 0:
+                # Once in some dozens of node restarts, Fast DDS 2.14 never matches a kept
+                # client with the restarted server (the node is healthy meanwhile): new
+                # entities are discovered afresh.
+                self.node.destroy_client(self._clients.pop((name, 0)))
+                client = self.client(srv_type, name, timeout=max(1.0, deadline - time.monotonic()))
         assert future.done(), f'{name} did not answer within {timeout} s'
         return future.result()
 
