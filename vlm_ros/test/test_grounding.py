@@ -1,5 +1,6 @@
 """Boxes in answers: the three syntaxes, broken boxes, and mapping to original-image pixels."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from vlm_ros.engine import grounding
 from vlm_ros.engine.answerer import Answerer
 from vlm_ros.engine.datatypes import Box, FINISH_CANCELLED, FINISH_STOP, Result, Timings
+from vlm_ros.engine.errors import VlmError
 from vlm_ros.engine.families import registry
 from vlm_ros.engine.remote import RemoteClient
 
@@ -156,6 +158,11 @@ def test_families_declare_their_box_format_and_question():
     internvl = registry.by_key('internvl').info
     assert (internvl.box_format, internvl.grounding_prompt) == (grounding.NORMALIZED_1000,
                                                                 grounding.INTERNVL_PROMPT)
+    assert grounding.family_template(internvl) == grounding.INTERNVL_PROMPT
+    blind = dataclasses.replace(internvl, display_name='Blind', box_format='',
+                                grounding_prompt='')
+    with pytest.raises(VlmError, match='Blind was not trained to locate objects'):
+        grounding.family_template(blind)
 
 
 class RecordedAnswers(Answerer):

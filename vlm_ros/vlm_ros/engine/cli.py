@@ -50,9 +50,7 @@ def _detect(pipe, rgbs, args, kwargs):
     """Ask the family's grounding question per label; return the merged Result."""
     from vlm_ros.engine import grounding
 
-    template = pipe.family.info.grounding_prompt
-    if not template:
-        raise VlmError(f'{pipe.family.info.display_name} was not trained to locate objects')
+    template = grounding.family_template(pipe.family.info)
     return grounding.detect(pipe, rgbs, grounding.prompts(template, args.detect),
                             args.system, **kwargs)
 

@@ -22,6 +22,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from vlm_ros.engine.datatypes import Box, FINISH_CANCELLED, Result, Timings
+from vlm_ros.engine.errors import VlmError
 
 NORMALIZED_1000 = 'normalized_1000'
 ABSOLUTE = 'absolute'
@@ -185,6 +186,18 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def family_template(info) -> str:
+    """
+    Return the grounding question template a family (its ``FamilyInfo``) was trained on.
+
+    One family may declare it per checkpoint (Qwen2-VL and Qwen2.5-VL): pass the loaded
+    family's ``info``. A family trained to locate nothing raises VlmError.
+    """
+    if not info.grounding_prompt:
+        raise VlmError(f'{info.display_name} was not trained to locate objects')
+    return info.grounding_prompt
 
 
 def prompts(template: str, labels: Sequence[str]) -> List[Tuple[str, str]]:

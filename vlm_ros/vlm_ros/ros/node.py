@@ -510,11 +510,11 @@ class VlmNode(Node):
             # per checkpoint, e.g. Qwen2-VL and Qwen2.5-VL), else the family's.
             info = getattr(getattr(self.answerer, 'family', None), 'info', None) or \
                 registry.by_key(self.spec.family).info
-            template = info.grounding_prompt
-            if not template:
+            try:
+                template = grounding.family_template(info)
+            except VlmError as exc:
                 raise messages.RequestError(
-                    f'{info.display_name} was not trained to locate objects: set the '
-                    'detect_prompt parameter or ask with a prompt')
+                    f'{exc}: set the detect_prompt parameter or ask with a prompt') from exc
         return grounding.prompts(template, labels)
 
     def images_source(self, images, compressed):

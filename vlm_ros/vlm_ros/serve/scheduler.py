@@ -1,26 +1,24 @@
 """
-The server's bounded queue: worker threads run the model, one request each.
+The server's request line: jobs that hand their text and outcome to asyncio tasks.
 
-An answerer serves one request at a time (or ``max_concurrent`` on a batching llama.cpp
-decoder) and uses every core for it, so requests wait in line; the line holds at most
-``capacity`` requests, the running ones included, and a request beyond that is refused at
-once (HTTP 429) rather than left waiting for minutes. A request whose client went away leaves
-the line at once, or, while running, stops at the engine's next ``should_stop`` poll (between
-tokens).
+The line and its workers are ``engine.work_line``'s: at most ``capacity`` requests, the
+running ones included; one beyond that is refused at once (HTTP 429, with a Retry-After from
+the mean time a request runs). A request whose client went away leaves the line at once, or,
+while running, stops at the engine's next ``should_stop`` poll (between tokens).
 
 A worker thread hands text and the outcome to the request's asyncio task through
 ``loop.call_soon_threadsafe``: the event loop never blocks on the model.
 """
 
 import asyncio
-import collections
-import logging
 import math
 import threading
 import time
 from typing import Any, Callable, Optional, Tuple
 
-_LOG = logging.getLogger('vlm_ros.serve')
+from vlm_ros.engine.work_line import Busy, Closed, WorkLine
+
+__all__ = ['CLOSED', 'Closed', 'DONE', 'ERROR', 'Job', 'QueueFull', 'Scheduler', 'TEXT']
 
 FIRST_CHUNK_WAIT_S = 0.02
 """How long the worker holds the next decode step while a stream's first chunk goes out."""
@@ -32,7 +30,7 @@ CLOSED = 'closed'
 """Event kinds a job delivers: text deltas, then the Result, an exception or a shutdown."""
 
 
-class QueueFull(Exception):
+class QueueFull(Busy):
     """The line is full; ``retry_after_s`` estimates when a place frees up."""
 
     def __init__(self, capacity: int, retry_after_s: int):
@@ -40,10 +38,6 @@ class QueueFull(Exception):
                          'waiting (--queue-size); retry later')
         self.capacity = capacity
         self.retry_after_s = retry_after_s
-
-
-class Closed(Exception):
-    """The server is shutting down and takes no more work."""
 
 
 class Job:
@@ -97,29 +91,21 @@ class Job:
             pass  # the event loop is gone (server stopped): nobody is waiting any more
 
 
-class Scheduler:
-    """A line of at most ``capacity`` jobs, the running ones included, and its workers."""
+class Scheduler(WorkLine):
+    """The server's line: at most ``capacity`` jobs, the running ones included."""
 
     def __init__(self, capacity: int, workers: int = 1):
         if capacity < 1:
             raise ValueError(f'queue size must be at least 1, got {capacity}')
-        self.capacity = capacity
-        self._waiting: collections.deque = collections.deque()
-        self._running: set = set()
-        self._cond = threading.Condition()
-        self._closed = False
         self._mean_s = 0.0
         """Moving average of how long a job runs, for Retry-After."""
-        self._threads = [threading.Thread(target=self._loop, name=f'vlm_serve_worker_{i}',
-                                          daemon=True) for i in range(max(1, workers))]
-        for thread in self._threads:
-            thread.start()
+        super().__init__(capacity, workers, open_now=True, thread_name='vlm_serve_worker')
 
     @property
     def depth(self) -> int:
         """Jobs running or waiting."""
         with self._cond:
-            return len(self._waiting) + len(self._running)
+            return self._depth_locked()
 
     @property
     def waiting(self) -> int:
@@ -128,76 +114,35 @@ class Scheduler:
             return len(self._waiting)
 
     def check_room(self):
-        """Raise QueueFull when a new job would be refused now (nothing is reserved)."""
+        """Raise QueueFull (or Closed) when a new job would be refused now."""
         with self._cond:
-            if len(self._waiting) + len(self._running) >= self.capacity:
-                raise QueueFull(self.capacity, self._retry_after())
-
-    def submit(self, job: Job):
-        """Queue ``job``; raise QueueFull when the line is full, Closed when shutting down."""
-        with self._cond:
-            if self._closed:
-                raise Closed()
-            depth = len(self._waiting) + len(self._running)
-            if depth >= self.capacity:
-                raise QueueFull(self.capacity, self._retry_after())
-            self._waiting.append(job)
-            self._cond.notify_all()
+            self._check_room_locked()
 
     def cancel(self, job: Job):
         """Withdraw a waiting job at once, or ask a running one to stop (client gone)."""
-        job.cancelled.set()
-        with self._cond:
-            try:
-                self._waiting.remove(job)
-            except ValueError:
-                pass  # running (it stops at the next poll) or already finished
+        self.withdraw(job)
 
     def close(self):
-        """Stop taking work; end waiting jobs with CLOSED and ask the running one to stop."""
-        with self._cond:
-            self._closed = True
-            dropped = list(self._waiting)
-            self._waiting.clear()
-            running = list(self._running)
-            self._cond.notify_all()
+        """Stop taking work; end waiting jobs with CLOSED and ask the running ones to stop."""
+        dropped, _ = self.close_line(stop_workers=True)
         for job in dropped:
-            job.cancelled.set()
             job.deliver(CLOSED, None)
-        for job in running:
-            job.cancelled.set()
 
-    def join(self, timeout: float):
-        """Wait up to ``timeout`` seconds for the workers to end (after ``close``)."""
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _retry_after(self):
+    def _full(self):
         # A place frees up when a running job ends: about a mean job's time, at least 1 s
         # (Retry-After counts whole seconds) and at most a minute.
-        return int(min(60, max(1, math.ceil(self._mean_s or 1.0))))
+        return QueueFull(self.capacity, int(min(60, max(1, math.ceil(self._mean_s or 1.0)))))
 
-    def _loop(self):
-        while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if not self._waiting:
-                    return  # closed and drained
-                job = self._waiting.popleft()
-                self._running.add(job)
-            job.started_at = time.perf_counter()
-            kind, value = DONE, None
-            try:
-                value = job.run(job)
-            except Exception as exc:  # noqa: B902 -- reported to the request, the worker goes on
-                kind, value = ERROR, exc
-            finally:
-                job.finished_at = time.perf_counter()
-                with self._cond:
-                    self._running.discard(job)
-                    elapsed = job.finished_at - job.started_at
-                    self._mean_s = elapsed if not self._mean_s else \
-                        0.8 * self._mean_s + 0.2 * elapsed
-            job.deliver(kind, value)
+    def _started(self, job):
+        job.started_at = time.perf_counter()
+
+    def _ended_locked(self, job):
+        job.finished_at = time.perf_counter()
+        elapsed = job.finished_at - job.started_at
+        self._mean_s = elapsed if not self._mean_s else 0.8 * self._mean_s + 0.2 * elapsed
+
+    def _finish(self, job, result, error):
+        if error is None:
+            job.deliver(DONE, result)
+        else:
+            job.deliver(ERROR, error)

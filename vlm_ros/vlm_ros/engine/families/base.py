@@ -17,7 +17,8 @@ from vlm_ros.engine import images as image_utils
 from vlm_ros.engine.chat_template import (build_messages, CONTROL_END, CONTROL_START,
                                           mark_control_tokens)
 from vlm_ros.engine.datatypes import PreparedRequest
-from vlm_ros.engine.errors import ImageError, ModelFilesError, UnsupportedModelError
+from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
+                                   UnsupportedModelError)
 from vlm_ros.engine.model_files import load_json, text_config
 
 
@@ -279,6 +280,24 @@ class TemplatedFamily(ModelFamily):
     """How errors name the template's image placeholder (default: ``image_token``)."""
     frame_axis = 0
     """Axis of the vision inputs along which several images' frames are concatenated."""
+
+    def special_token_ids(self, model_dir, tokens) -> List[int]:
+        """Return the tokenizer's id of each of ``tokens``; a missing one is an error."""
+        ids = []
+        for token in tokens:
+            token_id = self.tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ModelFilesError(f'{model_dir}/tokenizer.json has no token {token!r}')
+            ids.append(token_id)
+        return ids
+
+    @staticmethod
+    def check_config_token_id(model_dir, key, configured, token, token_id):
+        """Refuse a ``config.json`` id (``key``: ``configured``) the tokenizer contradicts."""
+        if configured is not None and int(configured) != token_id:
+            raise ModelMismatchError(
+                f'{model_dir}: config.json says {key} {configured}, but the tokenizer maps '
+                f'{token!r} to {token_id}')
 
     def read_pixel_settings(self, cfg, source):
         """

@@ -222,19 +222,11 @@ class Idefics3Family(TemplatedFamily):
         else:
             self.fake_image_token, self.image_token = FAKE_IMAGE_TOKEN, IMAGE_TOKEN
             self.global_image_token = GLOBAL_IMAGE_TOKEN
-        ids = {}
-        for token in (self.fake_image_token, self.image_token, self.global_image_token):
-            ids[token] = tok.token_to_id(token)
-            if ids[token] is None:
-                raise ModelFilesError(f'{model_dir}/tokenizer.json has no token {token!r}')
-        self.image_token_id = ids[self.image_token]
-        self.fake_image_token_id = ids[self.fake_image_token]
-        self.global_image_token_id = ids[self.global_image_token]
-        configured = config.get('image_token_id')
-        if configured is not None and int(configured) != self.image_token_id:
-            raise ModelMismatchError(
-                f'{model_dir}: config.json says image_token_id {configured}, but the tokenizer '
-                f'maps {self.image_token!r} to {self.image_token_id}')
+        self.fake_image_token_id, self.image_token_id, self.global_image_token_id = \
+            self.special_token_ids(model_dir, (self.fake_image_token, self.image_token,
+                                               self.global_image_token))
+        self.check_config_token_id(model_dir, 'image_token_id', config.get('image_token_id'),
+                                   self.image_token, self.image_token_id)
 
     def _read_image_seq_len(self, model_dir, config):
         vision = config.get('vision_config') or {}

@@ -271,19 +271,13 @@ class InternVLFamily(TemplatedFamily):
             self.template_image_token = _IMAGE_SENTINEL
         self.placeholder_label = (CHAT_IMAGE_PLACEHOLDER if self.name == CHAT_MODEL_TYPE
                                   else self.template_image_token)
-        ids = {}
-        for token in (self.start_image_token, self.end_image_token, self.image_token):
-            ids[token] = tok.token_to_id(token)
-            if ids[token] is None:
-                raise ModelFilesError(f'{model_dir}/tokenizer.json has no token {token!r}')
-        self.image_token_id = ids[self.image_token]
-        self.start_image_token_id = ids[self.start_image_token]
-        self.end_image_token_id = ids[self.end_image_token]
-        configured = config.get('image_token_id', config.get('img_context_token_id'))
-        if configured is not None and int(configured) != self.image_token_id:
-            raise ModelMismatchError(
-                f'{model_dir}: config.json says image_token_id {configured}, but the tokenizer '
-                f'maps {self.image_token!r} to {self.image_token_id}')
+        self.start_image_token_id, self.end_image_token_id, self.image_token_id = \
+            self.special_token_ids(model_dir, (self.start_image_token, self.end_image_token,
+                                               self.image_token))
+        self.check_config_token_id(
+            model_dir, 'image_token_id',
+            config.get('image_token_id', config.get('img_context_token_id')),
+            self.image_token, self.image_token_id)
 
     # Image side.
 

@@ -402,20 +402,12 @@ class Qwen2VLFamily(TemplatedFamily):
         tok = self.tokenizer
         # Qwen2VLProcessor takes the tokenizer's image_token when it names one.
         self.image_token = tok.config_token('image_token', IMAGE_TOKEN)
-        self.image_token_id = tok.token_to_id(self.image_token)
-        self.vision_start_token_id = tok.token_to_id(VISION_START_TOKEN)
-        for token, token_id in ((self.image_token, self.image_token_id),
-                                (VISION_START_TOKEN, self.vision_start_token_id)):
-            if token_id is None:
-                raise ModelFilesError(f'{model_dir}/tokenizer.json has no token {token!r}')
+        self.image_token_id, self.vision_start_token_id = self.special_token_ids(
+            model_dir, (self.image_token, VISION_START_TOKEN))
         for key, token, token_id in (
                 ('image_token_id', self.image_token, self.image_token_id),
                 ('vision_start_token_id', VISION_START_TOKEN, self.vision_start_token_id)):
-            configured = config.get(key)
-            if configured is not None and int(configured) != token_id:
-                raise ModelMismatchError(
-                    f'{model_dir}: config.json says {key} {configured}, but the tokenizer maps '
-                    f'{token!r} to {token_id}')
+            self.check_config_token_id(model_dir, key, config.get(key), token, token_id)
 
     # Image side.
 
