@@ -9,12 +9,14 @@ one module here.
 """
 
 from dataclasses import dataclass
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vlm_ros.engine import images as image_utils
-from vlm_ros.engine.chat_template import (build_messages, CONTROL_END, CONTROL_START,
+from vlm_ros.engine.chat_template import (build_messages, ChatTemplate, CONTROL_END,
+                                          CONTROL_START, control_token_pattern,
                                           mark_control_tokens)
 from vlm_ros.engine.datatypes import PreparedRequest
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
@@ -280,6 +282,20 @@ class TemplatedFamily(ModelFamily):
     """How errors name the template's image placeholder (default: ``image_token``)."""
     frame_axis = 0
     """Axis of the vision inputs along which several images' frames are concatenated."""
+
+    def read_chat_template(self, model_dir, placeholder, allowed_tokens=()):
+        """
+        Read the model's chat template; ``placeholder`` is what it writes for an image.
+
+        Control tokens in user text are escaped except ``allowed_tokens``; only placeholders
+        the template wrote expand (a user's marked copy stays text).
+        """
+        self.chat_template = ChatTemplate.from_model_dir(model_dir,
+                                                         self.tokenizer.special_tokens)
+        self._control = control_token_pattern(
+            [t for t in self.tokenizer.control_tokens(self.chat_template.source)
+             if t not in allowed_tokens])
+        self._placeholder = re.compile(f'(?<!{CONTROL_START}){re.escape(placeholder)}')
 
     def special_token_ids(self, model_dir, tokens) -> List[int]:
         """Return the tokenizer's id of each of ``tokens``; a missing one is an error."""

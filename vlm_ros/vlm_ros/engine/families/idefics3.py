@@ -33,13 +33,11 @@ placeholders or turn ends.
 
 from dataclasses import dataclass
 import math
-import re
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from vlm_ros.engine import grounding, images
-from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_token_pattern
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
 from vlm_ros.engine.families.base import (FamilyInfo, read_config, read_eos_ids,
@@ -188,12 +186,7 @@ class Idefics3Family(TemplatedFamily):
         self._read_tokens(model_dir, config)
         self.image_seq_len = self._read_image_seq_len(model_dir, config)
         self.eos_token_ids = read_eos_ids(model_dir, config, text, self.tokenizer)
-        self.chat_template = ChatTemplate.from_model_dir(model_dir,
-                                                         self.tokenizer.special_tokens)
-        self._control = control_token_pattern(
-            self.tokenizer.control_tokens(self.chat_template.source))
-        # Only placeholders the template wrote expand; marked user copies stay text.
-        self._placeholder = re.compile(f'(?<!{CONTROL_START}){re.escape(self.image_token)}')
+        self.read_chat_template(model_dir, self.image_token)
 
     def _read_preprocessor(self, model_dir):
         source = f'{model_dir}/preprocessor_config.json'

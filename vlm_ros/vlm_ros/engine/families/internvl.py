@@ -37,14 +37,12 @@ user text are encoded as plain text, as transformers does with
 
 from dataclasses import dataclass
 import functools
-import re
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from vlm_ros.engine import grounding, images
-from vlm_ros.engine.chat_template import (ChatTemplate, CONTROL_START, control_token_pattern,
-                                          mark_control_tokens)
+from vlm_ros.engine.chat_template import mark_control_tokens
 from vlm_ros.engine.datatypes import ImageOptions
 from vlm_ros.engine.errors import (ImageError, ModelFilesError, ModelMismatchError,
                                    UnsupportedModelError)
@@ -152,7 +150,6 @@ class InternVLFamily(TemplatedFamily):
             "{{ part['text'] }}{% else %}<image>\n{% endif %}{% endfor %}<|im_end|>\n"
             '{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}'),
         box_format=grounding.NORMALIZED_1000, grounding_prompt=grounding.INTERNVL_PROMPT)
-    vision_input_names = ('pixel_values',)
 
     def __init__(self, model_dir):
         self.model_dir = model_dir
@@ -169,13 +166,7 @@ class InternVLFamily(TemplatedFamily):
         # model.chat stops at the conversation separator, the tokenizer's <|im_end|>.
         self.eos_token_ids = read_eos_ids(model_dir, config, text, self.tokenizer,
                                           with_tokenizer_eos=self.name == CHAT_MODEL_TYPE)
-        self.chat_template = ChatTemplate.from_model_dir(model_dir,
-                                                         self.tokenizer.special_tokens)
-        self._control = control_token_pattern(
-            self.tokenizer.control_tokens(self.chat_template.source))
-        # Only placeholders the template wrote expand; marked user copies stay text.
-        self._placeholder = re.compile(
-            f'(?<!{CONTROL_START}){re.escape(self.template_image_token)}')
+        self.read_chat_template(model_dir, self.template_image_token)
 
     # Model files.
 

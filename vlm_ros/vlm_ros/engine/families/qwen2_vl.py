@@ -44,13 +44,11 @@ image they saw (``PreparedRequest.seen_sizes``).
 
 from dataclasses import dataclass, replace
 import functools
-import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vlm_ros.engine import grounding, images
-from vlm_ros.engine.chat_template import ChatTemplate, CONTROL_START, control_token_pattern
 from vlm_ros.engine.datatypes import ImageOptions, PreparedRequest
 from vlm_ros.engine.errors import ImageError, ModelFilesError, ModelMismatchError
 from vlm_ros.engine.families.base import (decode_keeping, FamilyInfo, read_config,
@@ -315,17 +313,10 @@ class Qwen2VLFamily(TemplatedFamily):
         self.tokenizer = Tokenizer(model_dir)
         self._read_tokens(model_dir, config)
         self.eos_token_ids = read_eos_ids(model_dir, config, text, self.tokenizer)
-        self.chat_template = ChatTemplate.from_model_dir(model_dir,
-                                                         self.tokenizer.special_tokens)
         # The grounding markers stay tokens in user text: the grounding question holds them.
-        allowed = set(self.info.grounding_tokens)
-        self._control = control_token_pattern(
-            [t for t in self.tokenizer.control_tokens(self.chat_template.source)
-             if t not in allowed])
+        self.read_chat_template(model_dir, self.image_token, set(self.info.grounding_tokens))
         self._kept = {self.tokenizer.token_to_id(t): t for t in self.info.grounding_tokens
                       if self.tokenizer.token_to_id(t) is not None}
-        # Only placeholders the template wrote expand; marked user copies stay text.
-        self._placeholder = re.compile(f'(?<!{CONTROL_START}){re.escape(self.image_token)}')
 
     # Model files.
 
