@@ -79,6 +79,10 @@ class _Source:
         self.tokenizer_dir = os.fspath(tokenizer_dir) if tokenizer_dir else self.model_dir
         self.text = dict(self.config.get('text_config') or self.config)
 
+    def name(self, fallback):
+        """Return ``general.name``: the checkpoint folder's name, else ``fallback``."""
+        return os.path.basename((self.model_dir or '').rstrip('/\\')) or fallback
+
     def text_weights(self):
         """Language-model weights keyed by names relative to the text model."""
         out = {}
@@ -205,7 +209,7 @@ def export_text_gguf(model_dir_or_hf_model, out_path, arch='llama', ftype='f32',
 
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type('model')
-    writer.add_name(name or f'tiny-{arch}')
+    writer.add_name(name or src.name(f'tiny-{arch}'))
     writer.add_context_length(int(text.get('max_position_embeddings', 2048)))
     writer.add_embedding_length(hidden)
     writer.add_block_count(n_layers)
@@ -384,7 +388,7 @@ def export_mmproj_gguf(model_dir_or_hf_model, out_path, ftype='f32', preproc_ima
 
     writer = gguf.GGUFWriter(None, 'clip')
     writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name('tiny-smolvlm-mmproj')
+    writer.add_name(src.name('tiny-smolvlm') + '-mmproj')
     writer.add_file_type(file_type)
     writer.add_clip_has_vision_encoder(True)
     writer.add_vision_projection_dim(int(text['hidden_size']))
@@ -492,7 +496,7 @@ def _write_qwen2vl_mmproj(src, out_path, ftype):
 
     writer = gguf.GGUFWriter(None, 'clip')
     writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(f'tiny-{cfg["model_type"]}-mmproj')
+    writer.add_name(src.name(f'tiny-{cfg["model_type"]}') + '-mmproj')
     writer.add_file_type(file_type)
     writer.add_clip_has_vision_encoder(True)
     writer.add_vision_projection_dim(int(text['hidden_size']))

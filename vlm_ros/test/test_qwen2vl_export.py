@@ -393,6 +393,10 @@ def test_hub_style_configs(tmp_path):
                     'qwen2vl.embedding_length', 'qwen2vl.attention.head_count_kv'):
             assert ours.fields[key].contents() == cached.fields[key].contents(), key
         assert [t.name for t in ours.tensors] == [t.name for t in cached.tensors]
+        # A converted checkpoint is named after its folder (llama.cpp logs it), not "tiny".
+        assert ours.fields['general.name'].contents() == variant
+        mmproj = gguf.GGUFReader(export_mmproj_gguf(hub, str(tmp_path / f'{variant}-mm.gguf')))
+        assert mmproj.fields['general.name'].contents() == f'{variant}-mmproj'
     bad = _hub_style_copy('qwen25-a', str(tmp_path / 'uneven'), uneven_windows)
     with pytest.raises(ValueError, match='fullatt_block_indexes'):
         export_mmproj_gguf(bad, str(tmp_path / 'uneven.gguf'))
