@@ -25,14 +25,23 @@ from vlm_ros_interfaces.action import Generate
 pytestmark = pytest.mark.ros
 ACTION = '/vlm_node/generate'
 PROMPT = 'What is in the picture?'
-LONG = 'Describe this image.'  # about long_image() the tiny model talks for 650 tokens
+LONG = 'Describe this image.'
+# About the image of this seed the tiny model talks for 2146 tokens (~1 s of the node): long
+# enough to hold the worker while a test sends, cancels and awaits other goals.
+LONG_IMAGE_SEED = 20
 
 
 cached_test_model = functools.partial(tiny_model, 'cached_test_model')
 
 
-def long_image():
-    return np.random.default_rng(4).integers(0, 256, (72, 96, 3), dtype=np.uint8)
+@pytest.fixture(scope='module')
+def longest(pipe):
+    """(image, the library's whole answer about it): checked to be long on these runtimes."""
+    image = np.random.default_rng(LONG_IMAGE_SEED).integers(0, 256, (72, 96, 3),
+                                                            dtype=np.uint8)
+    full = pipe.generate(image, LONG, max_new_tokens=4000)
+    assert full.completion_tokens > 1500, 'the test needs an answer that runs for a while'
+    return image, full
 
 
 @pytest.fixture(scope='module')
@@ -95,6 +104,7 @@ class Goal:
 
     def result(self, timeout=60.0):
         response = _wait(self.result_future, timeout)
+        self.result_at = time.monotonic()
         # The result may overtake the last feedback on the way here.
         deadline = time.monotonic() + 5.0
         while self.text() != response.result.text and time.monotonic() < deadline:
@@ -205,11 +215,22 @@ def test_history_and_compressed_images(node, pipe):
     assert result.text == expected.text == goal.text()
 
 
-def test_cancel_stops_within_a_step_with_the_partial_text(node, pipe):
+def test_a_long_answer_arrives_whole_in_feedback_and_result(node, longest):
     _, client = node('-p', 'max_new_tokens:=4000')
-    full = pipe.generate(long_image(), LONG, max_new_tokens=4000)
-    assert full.completion_tokens > 400, 'the test needs an answer that runs for a while'
-    goal = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    image, full = longest
+    # ROS strings end at a NUL, and this answer holds some: the node drops them, alone.
+    assert '\x00' in full.text
+    goal = Goal(client, Generate.Goal(images=[image_msg(image)], prompt=LONG))
+    status, result = goal.result()
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
+    assert result.text == full.text.replace('\x00', '') == goal.text()
+    assert result.completion_tokens == full.completion_tokens
+
+
+def test_cancel_stops_within_a_step_with_the_partial_text(node, longest):
+    _, client = node('-p', 'max_new_tokens:=4000')
+    image, full = longest
+    goal = Goal(client, Generate.Goal(images=[image_msg(image)], prompt=LONG))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(f.completion_tokens >= 30
                                                   for f in goal.feedback):
@@ -217,19 +238,20 @@ def test_cancel_stops_within_a_step_with_the_partial_text(node, pipe):
     sent = time.monotonic()
     assert goal.cancel().return_code == 0
     status, result = goal.result()
-    latency = time.monotonic() - sent
+    latency = goal.result_at - sent
     assert status == GoalStatus.STATUS_CANCELED
     assert result.finish_reason == 'cancelled' and not result.success
     assert 30 <= result.completion_tokens < full.completion_tokens
-    assert full.text.startswith(result.text) and result.text == goal.text()
+    whole = full.text.replace('\x00', '')  # as ROS carries it (see the test above)
+    assert whole.startswith(result.text) and result.text == goal.text()
     print(f'\n[generate] cancel after {result.completion_tokens} tokens: result in '
           f'{latency * 1000:.0f} ms')
     assert latency < 1.0
 
 
-def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node):
+def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node, longest):
     _, client = node('-p', 'max_new_tokens:=4000', '-p', 'queue_size:=2')
-    running = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    running = Goal(client, Generate.Goal(images=[image_msg(longest[0])], prompt=LONG))
     deadline = time.monotonic() + 30
     while not any(f.phase == 'decode' for f in running.feedback):  # it holds the worker now
         assert time.monotonic() < deadline
@@ -249,9 +271,9 @@ def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node):
     assert running.result()[0] == GoalStatus.STATUS_CANCELED
 
 
-def test_deactivate_aborts_the_running_goal(node, ros_client):
+def test_deactivate_aborts_the_running_goal(node, ros_client, longest):
     _, client = node('-p', 'max_new_tokens:=4000')
-    goal = Goal(client, Generate.Goal(images=[image_msg(long_image())], prompt=LONG))
+    goal = Goal(client, Generate.Goal(images=[image_msg(longest[0])], prompt=LONG))
     while not goal.feedback or goal.feedback[-1].phase != 'decode':
         time.sleep(0.005)
     done = threading.Event()

@@ -218,3 +218,16 @@ def test_annotated_image_draws_the_boxes_on_the_original_pixels():
     drawn = np.frombuffer(bytes(msg.data), np.uint8).reshape(60, 80, 3)
     assert (drawn[10, 25] == (255, 0, 255)).all() and (drawn[50, 70] == 200).all()
     assert (rgb == 200).all()  # the caller's frame is not drawn on
+
+
+def test_answers_with_a_nul_cross_ros_whole():
+    """A NUL a model wrote would cut the ROS string there: the node drops it, and only it."""
+    from rclpy.serialization import deserialize_message, serialize_message
+    box = Box('cup\x00', 1.0, 2.0, 3.0, 4.0)
+    result = Result(text='a\x00b\x00c', finish_reason='stop', token_ids=[1, 2],
+                    prompt_tokens=5, timings=Timings(1, 2, 3, 4, 10), detections=[box],
+                    backend='local')
+    response = messages.fill_result(Query.Response(), Answer(result=result))
+    sent = deserialize_message(serialize_message(response), Query.Response)
+    assert sent.text == 'abc'
+    assert [d.label for d in sent.detections.detections] == ['cup']

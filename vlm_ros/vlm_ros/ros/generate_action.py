@@ -92,7 +92,7 @@ class _Feedback:
 
     def text(self, delta):
         with self._lock:
-            self._pending += delta
+            self._pending += messages.ros_text(delta)
             self._post_locked(force=False)
 
     def tokens(self, count):

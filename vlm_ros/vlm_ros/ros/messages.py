@@ -44,6 +44,17 @@ class RequestError(VlmError, ValueError):
     """A request field is out of range or malformed; the message names field and range."""
 
 
+def ros_text(text: str) -> str:
+    """
+    Return ``text`` as a ROS 2 string field carries it whole: without NUL characters.
+
+    rosidl strings are C strings, cut at the first NUL on the way out. A model can write
+    one (a byte token); the node drops it from every answer and feedback delta alike, so the
+    deltas still add up to the answer.
+    """
+    return text.replace('\x00', '')
+
+
 class Answer:
     """What the node hands back for one request: the engine's Result, or an error."""
 
@@ -52,7 +63,7 @@ class Answer:
         self.result = result
         self.error = error
         self.finish_reason = result.finish_reason if result is not None else finish_reason
-        self.text = result.text if result is not None else text
+        self.text = ros_text(result.text if result is not None else text)
 
     @property
     def success(self):
@@ -165,7 +176,7 @@ def generation_overrides(request) -> Dict[str, object]:
 def detections_msg(boxes: Sequence[Box], header=None) -> Detection2DArray:
     """Return boxes (original-image pixels) as a Detection2DArray with the image's header."""
     array = Detection2DArray(detections=[
-        Detection2D(label=b.label, score=float(b.score), center_x=b.center[0],
+        Detection2D(label=ros_text(b.label), score=float(b.score), center_x=b.center[0],
                     center_y=b.center[1], size_x=b.size[0], size_y=b.size[1])
         for b in boxes])
     if header is not None:
@@ -210,9 +221,9 @@ def fill_result(target, answer: Answer, with_status=True, header=None):
     target.cached_tokens = r.cached_tokens
     if hasattr(target, 'backend'):
         target.backend = r.backend
-    target.preprocess_ms = t.preprocess_ms
-    target.vision_ms = t.vision_ms
-    target.prefill_ms = t.prefill_ms
-    target.decode_ms = t.decode_ms
-    target.total_ms = t.total_ms
+    target.preprocess_ms = float(t.preprocess_ms)
+    target.vision_ms = float(t.vision_ms)
+    target.prefill_ms = float(t.prefill_ms)
+    target.decode_ms = float(t.decode_ms)
+    target.total_ms = float(t.total_ms)
     return target
