@@ -7,8 +7,15 @@ off; an ActionClient in this process sends the same goal again and again:
 
 - decode time per token from the result's ``decode_ms / (completion_tokens - 1)``, with
   feedback after every text delta (``feedback_min_interval_ms`` 0) and with feedback held
-  back (60000: only the phase changes go out), alternating repetition by repetition so that
-  drift of the machine hits both the same;
+  back (60000: only the phase changes go out), in pairs whose order alternates (on, off;
+  off, on) so that drift of the machine hits both the same; the cost is given both as the
+  ratio of the medians and as the median of the pairs' ratios (the steadier one where the
+  machine's speed wanders from goal to goal);
+- the same feedback cost with a lean caller (``lean``): goals through the action's own
+  services, the feedback read by a DDS reader of another rclpy context that this process
+  never spins. The node writes every delta and the transport delivers it as before, but no
+  rclpy executor wakes for it: what the node itself costs, beside what an rclpy
+  ``ActionClient`` in the same computer costs (its executor's work for every message);
 - cancel latency: a goal with a long answer is cancelled once its feedback reports
   ``CANCEL_AFTER`` tokens; the time from sending the cancel request to receiving the result,
   next to the time per token of the same run (the target: one decode step + 20 ms);
@@ -28,6 +35,8 @@ from vlm_ros_bench import common
 
 NODE_NAME = 'vlm_bench_action'
 CANCEL_AFTER = 16
+HELD_BACK = 60000
+"""``feedback_min_interval_ms`` that holds the text back (only phase changes go out)."""
 
 
 class _Client:
@@ -107,12 +116,13 @@ def measure(model_dir, model_label, node_args, threads, reps, new_tokens, log_pa
            'repetitions': reps, 'new_tokens': new_tokens, 'cancel_after_tokens': CANCEL_AFTER,
            'tpot_feedback_ms': None, 'tpot_no_feedback_ms': None, 'feedback_cost_fraction': None,
            'cancel_latency_ms': None, 'cancel_tpot_ms': None, 'feedback_messages': None,
-           'spare_core': None,
+           'feedback_cost_paired': None, 'lean': None, 'spare_core': None,
            'method': ('vlm_ros_interfaces/action/Generate from an rclpy ActionClient (one '
                       'thread, no polling) to the installed vlm_node (its own process, Fast '
                       'DDS, discovery LOCALHOST); TPOT from the result decode_ms / '
                       '(completion_tokens - 1), feedback every delta vs held back, '
-                      'alternating; cancel latency = cancel sent -> result received')}
+                      'in pairs of alternating order; cancel latency = cancel sent -> result '
+                      'received')}
     from vlm_ros_bench.ros_overhead import isolate_ros
 
     isolate_ros()
@@ -121,6 +131,7 @@ def measure(model_dir, model_label, node_args, threads, reps, new_tokens, log_pa
         client = _Client()
         with _node(client, model_dir, node_args, threads, new_tokens, log_path, timeout) as goal:
             out.update(_feedback_cost(client, goal, reps, timeout))
+            out['lean'] = _feedback_cost(client, goal, reps, timeout, lean=True)
             out.update(_cancel_latency(client, goal, reps, new_tokens, timeout))
         if threads > 1:
             # The same with one core left to the transport and the caller: on a machine whose
@@ -171,27 +182,116 @@ def _node(client, model_dir, node_args, threads, new_tokens, log_path, timeout):
             action.destroy()
 
 
-def _feedback_cost(client, node_goal, reps, timeout):
-    """Decode time per token with feedback every delta and held back, alternating."""
+def _feedback_cost(client, node_goal, reps, timeout, lean=False):
+    """
+    Decode time per token with feedback every delta and held back, in pairs.
+
+    The order in a pair alternates, so a machine getting faster or slower favours neither.
+    ``lean``: goals through the action's services and the feedback read by a reader that is
+    never spun (``_LeanCaller``), instead of an ``ActionClient`` with a feedback callback.
+    """
     action, goal = node_goal
-    tpot = {0: [], 60000: []}
-    counts = []
-    for _ in range(reps):
-        for interval in (0, 60000):
-            _set_interval(client, interval, timeout)
-            received = []
-            handle = _goal(client, action, goal, timeout, received.append)
-            result = client.wait(handle.get_result_async(), timeout).result
-            if not result.success or result.completion_tokens < 2:
-                raise RuntimeError(f'goal failed: {result.error or "too short"}')
-            tpot[interval].append(result.decode_ms / (result.completion_tokens - 1))
-            if interval == 0:
-                counts.append(len(received))
+    tpot = {0: [], HELD_BACK: []}
+    paired, counts = [], []
+    caller = _LeanCaller(client) if lean else None
+    try:
+        for rep in range(reps):
+            pair = {}
+            for interval in ((0, HELD_BACK) if rep % 2 == 0 else (HELD_BACK, 0)):
+                _set_interval(client, interval, timeout)
+                if caller is not None:
+                    result, received = caller.run(goal, timeout)
+                else:
+                    seen = []
+                    handle = _goal(client, action, goal, timeout, seen.append)
+                    result = client.wait(handle.get_result_async(), timeout).result
+                    received = len(seen)
+                if not result.success or result.completion_tokens < 2:
+                    raise RuntimeError(f'goal failed: {result.error or "too short"}')
+                pair[interval] = result.decode_ms / (result.completion_tokens - 1)
+                tpot[interval].append(pair[interval])
+                if interval == 0:
+                    counts.append(received)
+            paired.append(pair[0] / pair[HELD_BACK] - 1.0)
+    finally:
+        if caller is not None:
+            caller.close()
     _set_interval(client, 0, timeout)
-    on, off = common.summarize(tpot[0]), common.summarize(tpot[60000])
+    on, off = common.summarize(tpot[0]), common.summarize(tpot[HELD_BACK])
     return {'tpot_feedback_ms': on, 'tpot_no_feedback_ms': off,
             'feedback_cost_fraction': on['median'] / off['median'] - 1.0,
+            'feedback_cost_paired': common.summarize(paired),
             'feedback_messages': common.summarize(counts)}
+
+
+class _LeanCaller:
+    """
+    Goals through the action's own services; feedback read by a reader nobody spins.
+
+    The reader lives in an rclpy context of its own: DDS receives every feedback message
+    into it while a goal runs, and the messages are taken (and counted) only after the
+    result, so no executor of this process works per message during decoding.
+    """
+
+    def __init__(self, client):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from vlm_ros.ros.generate_action import FEEDBACK_QOS
+        from vlm_ros_interfaces.action import Generate
+
+        self._client = client
+        self._impl = Generate.Impl
+        base = f'/{NODE_NAME}/generate/_action/'
+        self._send = client.node.create_client(Generate.Impl.SendGoalService, base + 'send_goal')
+        self._result = client.node.create_client(Generate.Impl.GetResultService,
+                                                 base + 'get_result')
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node('vlm_bench_feedback_reader', context=self.context)
+        self._received = 0
+        self.node.create_subscription(Generate.Impl.FeedbackMessage, base + 'feedback',
+                                      self._count, FEEDBACK_QOS)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        deadline = time.monotonic() + 30
+        while not (self._send.service_is_ready() and self._result.service_is_ready()
+                   and self.node.count_publishers(base + 'feedback') > 0):
+            if time.monotonic() > deadline:
+                raise TimeoutError('the action services or feedback topic did not appear')
+            time.sleep(0.1)
+
+    def _count(self, _msg):
+        self._received += 1
+
+    def run(self, goal, timeout):
+        """Send ``goal``, wait for its result; return ``(result, feedback messages read)``."""
+        import uuid
+
+        from unique_identifier_msgs.msg import UUID
+
+        goal_id = UUID(uuid=list(uuid.uuid4().bytes))
+        accepted = self._client.wait(self._send.call_async(
+            self._impl.SendGoalService.Request(goal_id=goal_id, goal=goal)), timeout)
+        if not accepted.accepted:
+            raise RuntimeError('goal rejected')
+        response = self._client.wait(self._result.call_async(
+            self._impl.GetResultService.Request(goal_id=goal_id)), timeout)
+        self._received = 0
+        # Every message was written before the result; take what DDS holds for the reader.
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 0.2:
+            before = self._received
+            self.executor.spin_once(timeout_sec=0.05)
+            if self._received != before:
+                idle_since = time.monotonic()
+        return response.result, self._received
+
+    def close(self):
+        self._client.node.destroy_client(self._send)
+        self._client.node.destroy_client(self._result)
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()
 
 
 def _cancel_latency(client, node_goal, reps, new_tokens, timeout):
@@ -241,7 +341,7 @@ def skipped(why, model=None, status='skipped'):
             'new_tokens': 0, 'cancel_after_tokens': CANCEL_AFTER, 'tpot_feedback_ms': None,
             'tpot_no_feedback_ms': None, 'feedback_cost_fraction': None,
             'cancel_latency_ms': None, 'cancel_tpot_ms': None, 'feedback_messages': None,
-            'spare_core': None, 'method': ''}
+            'feedback_cost_paired': None, 'lean': None, 'spare_core': None, 'method': ''}
 
 
 def main(argv=None):

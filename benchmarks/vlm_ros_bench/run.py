@@ -56,7 +56,7 @@ def add_arguments(parser):
     parser.add_argument('--no-action', action='store_true',
                         help='skip the ~/generate action (feedback cost, cancel latency)')
     parser.add_argument('--action-reps', type=int, default=None,
-                        help='goals per setting for the action measurement (10)')
+                        help='goals per setting for the action measurement (20)')
     parser.add_argument('--no-overhead', action='store_true',
                         help='skip the paired per-token overhead over raw llama.cpp')
     parser.add_argument('--overhead-reps', type=int, default=None,
@@ -222,7 +222,7 @@ def _action(settings, args, manifests, workdir):
                  '-p', f'llm_model_name:={files["decoder_model"]}',
                  '-p', f'n_ctx:={settings["n_ctx"]}']
     label = f'{manifest["name"]} (int8 vision + llama.cpp Q8_0)'
-    reps = args.action_reps or (2 if args.tiny else 10)
+    reps = args.action_reps or (2 if args.tiny else 20)
     _log(f'~/generate action: vlm_node on {label}, {reps} goals per setting')
     return action_stream.measure_in_child(manifest['model_dir'], label, node_args,
                                           settings['threads'], reps, settings['new_tokens'],

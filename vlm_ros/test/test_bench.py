@@ -57,7 +57,13 @@ def test_action_feedback_and_cancel_measured(tiny_results):
     assert action['tpot_feedback_ms']['n'] == action['tpot_no_feedback_ms']['n'] == 2
     assert action['cancel_latency_ms']['n'] == 2 and action['cancel_latency_ms']['median'] > 0
     assert action['feedback_messages']['median'] > action['new_tokens'] // 4
-    assert '## The ~/generate action' in (out / 'tiny.md').read_text()
+    assert action['feedback_cost_paired']['n'] == 2
+    # The lean caller's reader, spun only after each result, got every delta all the same.
+    lean = action['lean']
+    assert lean['tpot_feedback_ms']['n'] == lean['feedback_cost_paired']['n'] == 2
+    assert lean['feedback_messages']['values'] == action['feedback_messages']['values']
+    text = (out / 'tiny.md').read_text()
+    assert '## The ~/generate action' in text and 'lean caller' in text
 
 
 def test_reuse_measured(tiny_results):
