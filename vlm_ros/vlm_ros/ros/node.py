@@ -47,6 +47,8 @@ from vlm_ros_interfaces.srv import Detect, Query
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.pgm', '.ppm'}
 DEACTIVATE_GRACE_S = 5.0
 SHUTDOWN_GRACE_S = 3.0
+DRAIN_QUIET_S = 0.3
+"""At shutdown, how long no request may be in flight before the executor stops."""
 # Requests DDS keeps for the service and prompts for the subscription until an executor
 # thread takes them: deep enough for every caller a burst can bring, so none is dropped
 # unseen; callers beyond queue_size are then answered "busy" at once.
@@ -272,11 +274,26 @@ class VlmNode(Node):
         """
         deadline = time.monotonic() + grace_s
         self._stop_work('node shutting down', grace_s)
+        # The executor still runs: a request delivered before the signal but not yet taken is
+        # taken now and refused at once, counted in flight meanwhile; a callback that returned
+        # has its reply sent by the executor thread right after. So wait until nothing has
+        # been in flight for DRAIN_QUIET_S, not just for the count to reach zero once.
         with self._in_flight_lock:
-            done = self._in_flight_lock.wait_for(lambda: self._in_flight == 0,
-                                                 max(0.0, deadline - time.monotonic()))
-        # A callback that returned has its reply sent by the executor thread right after.
-        time.sleep(0.1)
+            quiet_since = None
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if self._in_flight:
+                    quiet_since = None
+                    self._in_flight_lock.wait(deadline - now)
+                    continue
+                quiet_since = quiet_since or now
+                if now - quiet_since >= DRAIN_QUIET_S:
+                    break
+                self._in_flight_lock.wait(min(DRAIN_QUIET_S - (now - quiet_since),
+                                              deadline - now))
+            done = self._in_flight == 0
         return done and not self.queue.worker_busy()
 
     # Work ------------------------------------------------------------------------------
@@ -439,10 +456,10 @@ class VlmNode(Node):
                 result, header = Answer(error=NOT_ACTIVE), None
             else:
                 result, header = await answer(request)
-        messages.fill_result(response, result, header=header)
-        if not result.success:
-            self.get_logger().warning(f'{what} failed: {result.error}')
-        return response
+            messages.fill_result(response, result, header=header)
+            if not result.success:
+                self.get_logger().warning(f'{what} failed: {result.error}')
+            return response
 
     async def _answer_query(self, request):
         """Return (Answer, header of the image asked about or None)."""
