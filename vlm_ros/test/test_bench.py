@@ -58,10 +58,12 @@ def test_action_feedback_and_cancel_measured(tiny_results):
     assert action['cancel_latency_ms']['n'] == 2 and action['cancel_latency_ms']['median'] > 0
     assert action['feedback_messages']['median'] > action['new_tokens'] // 4
     assert action['feedback_cost_paired']['n'] == 2
-    # The lean caller's reader, spun only after each result, got every delta all the same.
+    # The lean caller's reader, spun only after each result, gets every message of the same
+    # goal each time; an ActionClient's callback may miss the last ones (see README).
     lean = action['lean']
     assert lean['tpot_feedback_ms']['n'] == lean['feedback_cost_paired']['n'] == 2
-    assert lean['feedback_messages']['values'] == action['feedback_messages']['values']
+    assert len(set(lean['feedback_messages']['values'])) == 1
+    assert lean['feedback_messages']['median'] >= action['feedback_messages']['max']
     text = (out / 'tiny.md').read_text()
     assert '## The ~/generate action' in text and 'lean caller' in text
 
