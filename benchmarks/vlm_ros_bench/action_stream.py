@@ -47,14 +47,14 @@ class _Client:
     threads on a small machine, and the measurement is of the node.
     """
 
-    def __init__(self):
+    def __init__(self, name='vlm_bench_action_client'):
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
         self.rclpy = rclpy
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        self.node = rclpy.create_node('vlm_bench_action_client', context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
 
@@ -234,8 +234,6 @@ class _LeanCaller:
     """
 
     def __init__(self, client):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         from vlm_ros.ros.generate_action import FEEDBACK_QOS
         from vlm_ros_interfaces.action import Generate
 
@@ -245,17 +243,13 @@ class _LeanCaller:
         self._send = client.node.create_client(Generate.Impl.SendGoalService, base + 'send_goal')
         self._result = client.node.create_client(Generate.Impl.GetResultService,
                                                  base + 'get_result')
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('vlm_bench_feedback_reader', context=self.context)
+        self._reader = _Client('vlm_bench_feedback_reader')
         self._received = 0
-        self.node.create_subscription(Generate.Impl.FeedbackMessage, base + 'feedback',
-                                      self._count, FEEDBACK_QOS)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
+        self._reader.node.create_subscription(Generate.Impl.FeedbackMessage, base + 'feedback',
+                                              self._count, FEEDBACK_QOS)
         deadline = time.monotonic() + 30
         while not (self._send.service_is_ready() and self._result.service_is_ready()
-                   and self.node.count_publishers(base + 'feedback') > 0):
+                   and self._reader.node.count_publishers(base + 'feedback') > 0):
             if time.monotonic() > deadline:
                 raise TimeoutError('the action services or feedback topic did not appear')
             time.sleep(0.1)
@@ -281,7 +275,7 @@ class _LeanCaller:
         idle_since = time.monotonic()
         while time.monotonic() - idle_since < 0.2:
             before = self._received
-            self.executor.spin_once(timeout_sec=0.05)
+            self._reader.executor.spin_once(timeout_sec=0.05)
             if self._received != before:
                 idle_since = time.monotonic()
         return response.result, self._received
@@ -289,9 +283,7 @@ class _LeanCaller:
     def close(self):
         self._client.node.destroy_client(self._send)
         self._client.node.destroy_client(self._result)
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
+        self._reader.close()
 
 
 def _cancel_latency(client, node_goal, reps, new_tokens, timeout):
