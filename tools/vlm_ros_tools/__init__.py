@@ -10,4 +10,8 @@ Modules:
     check_export     -- end-to-end parity check of the exported graphs against transformers.
     model_cache      -- the cached test models by name without torch (manifest), for the
                         Humble stand-in; with torch it builds through the exporters above.
+    scenes           -- the default model's synthetic shape scenes and questions (seeded).
+    drawn_scenes     -- the same kind of scenes from a second, independent renderer.
+    train_default    -- trains, exports and ships the embedded default model.
+    eval_default     -- its accuracy and box overlap on either kind of scene.
 """

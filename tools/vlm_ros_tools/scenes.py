@@ -2,36 +2,42 @@
 Synthetic shape scenes with question/answer pairs (training and test data, seeded).
 
 A scene holds one to three shapes (circle, square, triangle, star, cross), each in its own
-colour (red, green, blue, yellow, purple, orange) and at its own place (top, left, centre,
-right, bottom: the edge middles and the centre of a 3 x 3 grid, so no two places are
-ambiguous and every shape stays inside its cell), with a random size, a small offset and a
-small rotation, on a neutral background (solid or gradient, with or without noise).
-``render`` draws a scene as a square uint8 RGB array of any size (supersampled, then
-Lanczos-downscaled).
+colour (red, green, blue, yellow, purple, orange) and its own cell of a 3 x 3 grid (its
+*place*: top left, top, ..., bottom right), at any position inside that cell, from 10% to 60%
+of the image side (up to 35% when there are several), filled or outlined, slightly rotated
+and tinted, on a light, mid or dark background (solid or gradient, with or without noise).
+``render`` draws a scene as a square uint8 RGB array of any size with Pillow's ImageDraw,
+hard-edged or anti-aliased (supersampled 2x or 4x), sometimes JPEG-compressed.
 
-Questions come in six kinds, each with a few phrasings; answers are short and canonical:
+Questions come in seven kinds, each with several phrasings; answers are short and canonical:
 
-========== ================================= ==========================================
-kind       example question                  example answer
-========== ================================= ==========================================
-describe   Describe this image.              a red circle on the left and a blue square
-                                             on the right.
-colour     What colour is the circle?        red
-shape      What shape is the red object?     circle
-count      How many shapes are there?        two
-where      Where is the red circle?          left
-exists     Is there a blue square?           yes
-========== ================================= ==========================================
+========== =========================================== =====================================
+kind       example question                            example answer
+========== =========================================== =====================================
+describe   Describe this image.                        a red circle at the top left and a
+                                                       blue square in the centre.
+colour     What colour is the circle?                  red
+shape      What shape is the red object?               circle
+count      How many shapes are there?                  two
+where      Where is the red circle?                    top left
+exists     Is there a blue square?                     yes
+detect     Please provide the bounding box coordinate  <ref>red circle</ref><box>[[120, 080,
+           of the region this sentence describes:      340, 300]]</box>
+           <ref>red circle</ref>
+========== =========================================== =====================================
 
-A description lists the shapes in reading order of their places (top, left, centre, right,
-bottom).  Everything is a pure function of a ``numpy.random.Generator`` (``scene_rng``),
-so a seed gives the same scenes, questions and pixels on every machine.  Only numpy and
-Pillow are needed.
+``detect`` is InternVL's grounding question, answered in its format: the box corners in
+thousandths of the image side, here in steps of 10 and written with three digits (at most
+990), so that every coordinate is one token of the model's tokenizer (``NUMBER_TOKENS``).
+A description lists the shapes in reading order of their places.  Everything is a pure
+function of a ``numpy.random.Generator`` (``scene_rng``), so a seed gives the same scenes,
+questions and pixels on every machine.  Only numpy and Pillow are needed.
 """
 
 from dataclasses import dataclass
+import io
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,56 +51,76 @@ COLOURS = {
     'purple': (135, 55, 175),
     'orange': (245, 130, 20),
 }
-# Places in reading order, with their centres as fractions of the image side: the middle
-# cells of the edges and the centre cell of a 3 x 3 grid.
-PLACES = {
-    'top': (1 / 2, 1 / 6),
-    'left': (1 / 6, 1 / 2),
-    'centre': (1 / 2, 1 / 2),
-    'right': (5 / 6, 1 / 2),
-    'bottom': (1 / 2, 5 / 6),
-}
-# (row, column) of each place in that grid.
-PLACE_CELLS = {'top': (0, 1), 'left': (1, 0), 'centre': (1, 1), 'right': (1, 2),
-               'bottom': (2, 1)}
+# The cells of a 3 x 3 grid, row-major (reading order).
+PLACES = ('top left', 'top', 'top right', 'left', 'centre', 'right', 'bottom left', 'bottom',
+          'bottom right')
 PLACE_PHRASES = {
-    'top': 'at the top',
-    'left': 'on the left',
-    'centre': 'in the centre',
-    'right': 'on the right',
-    'bottom': 'at the bottom',
+    'top left': 'at the top left', 'top': 'at the top', 'top right': 'at the top right',
+    'left': 'on the left', 'centre': 'in the centre', 'right': 'on the right',
+    'bottom left': 'at the bottom left', 'bottom': 'at the bottom',
+    'bottom right': 'at the bottom right',
 }
 NUMBER_WORDS = ('zero', 'one', 'two', 'three')
 MAX_SHAPES = 3
-# Neutral backgrounds, far from every shape colour.
+# Shape extent (twice the centre-to-farthest-point radius) as a fraction of the image side.
+MIN_EXTENT = 0.10
+MAX_EXTENT = 0.60
+MAX_EXTENT_SEVERAL = 0.30
+# Largest shift of a shape's centre from its cell's centre (fraction of the side).
+MAX_OFFSET = 0.04
+MAX_ROTATION = 20.0
+OUTLINE_RATE = 0.2
+JPEG_RATE = 0.3
+# Supersampling factors of the renderer (1: hard edges) and how often each is drawn.
+SUPERSAMPLING = ((1, 0.3), (2, 0.4), (4, 0.3))
+MAX_CANVAS = 512
+# Neutral backgrounds, far from every shape colour: light, mid and dark.
 BACKGROUNDS = (
-    (245, 245, 245), (222, 222, 222), (190, 190, 190), (150, 150, 150), (105, 105, 105),
-    (60, 60, 60), (30, 30, 30), (235, 225, 205), (205, 215, 225), (215, 225, 210),
+    (250, 250, 250), (245, 245, 245), (232, 232, 232), (222, 222, 222), (205, 205, 205),
+    (190, 190, 190), (150, 150, 150), (120, 120, 120), (90, 90, 90), (60, 60, 60),
+    (40, 40, 40), (25, 25, 25), (10, 10, 10), (240, 232, 215), (205, 215, 225),
+    (215, 225, 210), (50, 45, 40), (35, 40, 50),
 )
-KINDS = ('describe', 'colour', 'shape', 'count', 'where', 'exists')
+KINDS = ('describe', 'colour', 'shape', 'count', 'where', 'exists', 'detect')
+GROUNDING_QUESTION = ('Please provide the bounding box coordinate of the region this sentence '
+                      'describes: <ref>{label}</ref>')
+"""InternVL's grounding question (the engine's ``grounding.INTERNVL_PROMPT``)."""
 TEMPLATES = {
     'describe': ('Describe this image.', 'Describe the image.', 'What is in the picture?',
-                 'What do you see?', 'What shapes are there?'),
+                 'What do you see?', 'What shapes are there?', 'What is in the image?'),
     'colour': ('What colour is the {shape}?', 'What color is the {shape}?',
-               'Which colour is the {shape}?'),
+               'Which colour is the {shape}?', 'What is the colour of the {shape}?',
+               'What is the color of the {shape}?'),
     'shape': ('What shape is the {colour} object?', 'What shape is {colour}?',
-              'Which shape is {colour}?'),
+              'Which shape is {colour}?', 'What is the {colour} shape?',
+              'What shape is the {colour} one?'),
     'count': ('How many shapes are there?', 'How many objects are there?',
-              'How many shapes are in the image?'),
+              'How many shapes are in the image?', 'How many shapes do you see?',
+              'Count the shapes.'),
     'where': ('Where is the {colour} {shape}?', 'Where is the {shape}?',
               'Where is the {colour} object?'),
     'exists': ('Is there {a_colour} {shape}?', 'Is there {a_shape}?',
-               'Is there {a_colour} object?'),
+               'Is there {a_colour} object?', 'Is there {a_shape} in the image?',
+               'Do you see {a_colour} {shape}?'),
+    'detect': (GROUNDING_QUESTION,),
 }
-# Shape radius (centre to the farthest point) as a fraction of the image side; with the
-# offsets below, every shape stays inside its grid cell (side 1/3).
-MIN_RADIUS = 0.10
-MAX_RADIUS = 0.14
-MAX_OFFSET = 0.015
-MAX_ROTATION = 15.0
+# Questions about the only shape of a one-shape scene.
+SINGLE_TEMPLATES = {
+    'colour': ('What colour is the shape?', 'What color is the shape?', 'What colour is it?',
+               'What color is the object?', 'What is the colour of the shape?'),
+    'shape': ('What shape is this?', 'What shape is in the image?', 'What is the shape?',
+              'Which shape is it?', 'What shape do you see?'),
+}
+# Labels of a grounding question about an item, and how often each is drawn.
+LABELS = (('{colour} {shape}', 0.5), ('{shape}', 0.35), ('{colour} object', 0.15))
+ABSENT_DETECT_RATE = 0.15
+NO_BOX_ANSWER = 'none'
+COORDINATE_STEP = 10
+MAX_COORDINATE = 990
+NUMBER_TOKENS = tuple(f'{v:03d}' for v in range(0, MAX_COORDINATE + 1, COORDINATE_STEP))
 DEFAULT_SIZE = 128
 # The node's bundled sample image (vlm_ros/samples/scene.png).
-SAMPLE_SEED = 7
+SAMPLE_SEED = 33
 SAMPLE_SIZE = 256
 
 
@@ -104,15 +130,30 @@ class Item:
 
     shape: str
     colour: str
-    place: str
+    centre: Tuple[float, float]
+    """(x, y), fractions of the image side."""
     radius: float
-    """Fraction of the image side."""
-    offset: Tuple[float, float]
-    """(x, y) shift of the centre, fraction of the image side."""
+    """Centre to the farthest point, fraction of the image side."""
     rotation: float
     """Degrees."""
     tint: Tuple[int, int, int]
     """Small per-shape change of the colour's RGB value."""
+    outline: float = 0.0
+    """Stroke width as a fraction of the radius; 0: filled."""
+
+    @property
+    def place(self):
+        """Return the name of the grid cell of the centre."""
+        return PLACES[cell_of(self.centre)]
+
+    @property
+    def box(self):
+        """Return (x1, y1, x2, y2) of the drawn shape, fractions of the image side."""
+        points = outline_points(self.shape, self.centre[0], self.centre[1], self.radius,
+                                self.rotation)
+        xs = [x for x, _ in points]
+        ys = [y for _, y in points]
+        return (max(0.0, min(xs)), max(0.0, min(ys)), min(1.0, max(xs)), min(1.0, max(ys)))
 
     def phrase(self):
         """Return e.g. ``a red circle``."""
@@ -121,7 +162,7 @@ class Item:
 
 @dataclass(frozen=True)
 class Scene:
-    """Shapes (in reading order of their places) and a background."""
+    """Shapes (in reading order of their places) and how the scene is drawn."""
 
     items: Tuple[Item, ...]
     background: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
@@ -131,20 +172,31 @@ class Scene:
     noise: float
     """Standard deviation of the pixel noise (0-255 scale)."""
     noise_seed: int
+    supersampling: int = 2
+    """1: hard edges; 2 or 4: drawn larger and downscaled (anti-aliased)."""
+    jpeg_quality: int = 0
+    """0: no JPEG compression."""
 
     def find(self, shape=None, colour=None):
         """Return the items with ``shape`` and/or ``colour``."""
-        return [i for i in self.items
-                if (shape is None or i.shape == shape) and (colour is None or i.colour == colour)]
+        return find(self.items, shape, colour)
 
 
 @dataclass(frozen=True)
 class QA:
-    """A question about a scene and its canonical answer."""
+    """A question about a scene, its canonical answer and (detect) the box asked for."""
 
     kind: str
     question: str
     answer: str
+    box: Optional[Tuple[float, float, float, float]] = None
+    """(x1, y1, x2, y2), fractions of the image width and height; None: no box expected."""
+
+
+def find(items, shape=None, colour=None):
+    """Return the ``items`` with ``shape`` and/or ``colour``."""
+    return [i for i in items
+            if (shape is None or i.shape == shape) and (colour is None or i.colour == colour)]
 
 
 def article(word):
@@ -152,9 +204,39 @@ def article(word):
     return 'an' if word[0] in 'aeiou' else 'a'
 
 
+def cell_of(point):
+    """Return the row-major index of the 3 x 3 grid cell holding ``point`` (x, y)."""
+    col = min(2, max(0, int(point[0] * 3)))
+    row = min(2, max(0, int(point[1] * 3)))
+    return 3 * row + col
+
+
 def scene_rng(seed, stream=0):
     """Return the generator of data stream ``stream`` for ``seed`` (independent streams)."""
     return np.random.default_rng([int(seed), int(stream)])
+
+
+def _place_items(rng, count):
+    """
+    Return [(centre, radius)] of ``count`` shapes, one per cell, apart and inside the image.
+
+    Each centre sits near its cell's centre (``MAX_OFFSET``): the model's image tokens are
+    one per cell, and a from-scratch vision tower learns shapes far faster at steady places.
+    A lone shape in the centre cell may take up to ``MAX_EXTENT`` of the side; other shapes
+    stay within their cell's reach of the border.
+    """
+    while True:
+        cells = sorted(int(c) for c in rng.choice(len(PLACES), count, replace=False))
+        placed = []
+        for cell in cells:
+            centre = tuple(float((k + 0.5) / 3 + rng.uniform(-MAX_OFFSET, MAX_OFFSET))
+                           for k in (cell % 3, cell // 3))
+            top = MAX_EXTENT if count == 1 and cell == 4 else MAX_EXTENT_SEVERAL
+            reach = min(min(c, 1 - c) for c in centre) - 0.01
+            placed.append((centre, float(rng.uniform(MIN_EXTENT, min(top, 2 * reach))) / 2))
+        if all(math.dist(a, b) >= ra + rb + 0.02 for i, (a, ra) in enumerate(placed)
+               for b, rb in placed[i + 1:]):
+            return placed
 
 
 def random_scene(rng, count=None):
@@ -162,34 +244,35 @@ def random_scene(rng, count=None):
     count = int(rng.integers(1, MAX_SHAPES + 1)) if count is None else count
     shapes = rng.choice(len(SHAPES), count, replace=False)
     colours = rng.choice(len(COLOURS), count, replace=False)
-    places = sorted(rng.choice(len(PLACES), count, replace=False))
     names = list(COLOURS)
-    place_names = list(PLACES)
     items = []
-    for s, c, p in zip(shapes, colours, places, strict=True):
+    for s, c, (centre, radius) in zip(shapes, colours, _place_items(rng, count), strict=True):
+        outline = float(rng.uniform(0.15, 0.3)) if rng.random() < OUTLINE_RATE else 0.0
         items.append(Item(
-            shape=SHAPES[s], colour=names[c], place=place_names[p],
-            radius=float(rng.uniform(MIN_RADIUS, MAX_RADIUS)),
-            offset=(float(rng.uniform(-MAX_OFFSET, MAX_OFFSET)),
-                    float(rng.uniform(-MAX_OFFSET, MAX_OFFSET))),
+            shape=SHAPES[s], colour=names[c], centre=centre, radius=radius,
             rotation=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
-            tint=tuple(int(v) for v in rng.integers(-18, 19, 3)),
-        ))
+            tint=tuple(int(v) for v in rng.integers(-20, 21, 3)), outline=outline))
     first = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     if rng.random() < 0.5:
         second = first
     else:
         shift = int(rng.integers(-40, 41))
         second = tuple(int(np.clip(v + shift, 0, 255)) for v in first)
-    noise = float(rng.uniform(0.0, 8.0)) if rng.random() < 0.5 else 0.0
-    return Scene(items=tuple(items), background=(first, second), vertical=bool(rng.random() < 0.5),
-                 noise=noise, noise_seed=int(rng.integers(2 ** 31)))
+    noise = float(rng.uniform(0.0, 8.0)) if rng.random() < 0.4 else 0.0
+    factors, weights = zip(*SUPERSAMPLING, strict=True)
+    supersampling = int(rng.choice(factors, p=np.array(weights) / sum(weights)))
+    jpeg = int(rng.integers(25, 91)) if rng.random() < JPEG_RATE else 0
+    return Scene(items=tuple(items), background=(first, second),
+                 vertical=bool(rng.random() < 0.5), noise=noise,
+                 noise_seed=int(rng.integers(2 ** 31)), supersampling=supersampling,
+                 jpeg_quality=jpeg)
 
 
-def _polygon(shape, cx, cy, r, rotation):
-    """Return the corner points of a polygonal shape (None for a circle)."""
+def outline_points(shape, cx, cy, r, rotation, steps=32):
+    """Return the corner points of a shape (a circle as ``steps`` points on it)."""
     if shape == 'circle':
-        return None
+        return [(cx + r * math.cos(2 * math.pi * k / steps),
+                 cy + r * math.sin(2 * math.pi * k / steps)) for k in range(steps)]
     if shape == 'square':
         corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
         scale = r / math.sqrt(2.0)
@@ -215,37 +298,58 @@ def _polygon(shape, cx, cy, r, rotation):
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in points]
 
 
-def render(scene, size=DEFAULT_SIZE):
-    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array."""
-    factor = 2
-    side = size * factor
+def _background(scene, side):
     start = np.array(scene.background[0], dtype=np.float32)
     end = np.array(scene.background[1], dtype=np.float32)
     ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)
     grad = start[None, :] + (end - start)[None, :] * ramp[:, None]
     canvas = np.empty((side, side, 3), dtype=np.float32)
     canvas[:] = grad[:, None, :] if scene.vertical else grad[None, :, :]
-    image = Image.fromarray(np.rint(canvas).astype(np.uint8))
+    return Image.fromarray(np.rint(canvas).astype(np.uint8))
+
+
+def _draw_item(draw, item, side):
+    cx, cy = item.centre[0] * side, item.centre[1] * side
+    r = item.radius * side
+    fill = tuple(int(np.clip(v + d, 0, 255))
+                 for v, d in zip(COLOURS[item.colour], item.tint, strict=True))
+    stroke = max(1, int(round(item.outline * r)))
+    if item.shape == 'circle':
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if item.outline:
+            draw.ellipse(box, outline=fill, width=stroke)
+        else:
+            draw.ellipse(box, fill=fill)
+        return
+    points = outline_points(item.shape, cx, cy, r, item.rotation)
+    if item.outline:
+        # A closed line, not polygon(width=): Pillow 9.0 (Ubuntu 22.04) has no polygon width.
+        draw.line(points + points[:2], fill=fill, width=stroke, joint='curve')
+    else:
+        draw.polygon(points, fill=fill)
+
+
+def render(scene, size=DEFAULT_SIZE):
+    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array."""
+    # Supersampled on a canvas of at most MAX_CANVAS: drawing cost, not looks, grows past it.
+    side = size * max(1, min(scene.supersampling, MAX_CANVAS // size))
+    image = _background(scene, side)
     draw = ImageDraw.Draw(image)
     for item in scene.items:
-        fx, fy = PLACES[item.place]
-        cx = (fx + item.offset[0]) * side
-        cy = (fy + item.offset[1]) * side
-        r = item.radius * side
-        fill = tuple(int(np.clip(v + d, 0, 255))
-                     for v, d in zip(COLOURS[item.colour], item.tint, strict=True))
-        points = _polygon(item.shape, cx, cy, r, item.rotation)
-        if points is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(points, fill=fill)
-    # Image.LANCZOS, not Image.Resampling.LANCZOS: Pillow 9.0 (Ubuntu 22.04) has no Resampling.
-    image = image.resize((size, size), Image.LANCZOS)
+        _draw_item(draw, item, side)
+    if side > size:
+        # Image.LANCZOS, not Image.Resampling.LANCZOS: Pillow 9.0 has no Resampling.
+        image = image.resize((size, size), Image.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32)
     if scene.noise > 0:
         noise = np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, pixels.shape)
         pixels = pixels + noise
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    if scene.jpeg_quality:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format='JPEG', quality=scene.jpeg_quality)
+        pixels = np.asarray(Image.open(buffer).convert('RGB'))
+    return pixels
 
 
 def describe(scene):
@@ -258,11 +362,22 @@ def describe(scene):
     return text + '.'
 
 
-def _absent(scene, rng):
-    """Return a (shape, colour) pair that is not in ``scene``, often a near miss."""
-    present = {(i.shape, i.colour) for i in scene.items}
+def coordinate(value):
+    """Write one corner value of a box, a fraction of the side, as answers do: ``080``."""
+    step = int(round(value * 1000 / COORDINATE_STEP)) * COORDINATE_STEP
+    return f'{min(MAX_COORDINATE, max(0, step)):03d}'
+
+
+def box_answer(label, box):
+    """Return InternVL's answer locating ``label`` at ``box`` (fractions of the side)."""
+    return f'<ref>{label}</ref><box>[[' + ', '.join(coordinate(v) for v in box) + ']]</box>'
+
+
+def _absent(items, rng):
+    """Return a (shape, colour) pair that is not among ``items``, often a near miss."""
+    present = {(i.shape, i.colour) for i in items}
     roll = rng.random()
-    item = scene.items[int(rng.integers(len(scene.items)))]
+    item = items[int(rng.integers(len(items)))]
     if roll < 0.35:  # the shape is there, in another colour
         candidates = [(item.shape, c) for c in COLOURS]
     elif roll < 0.7:  # the colour is there, on another shape
@@ -273,11 +388,60 @@ def _absent(scene, rng):
     return candidates[int(rng.integers(len(candidates)))]
 
 
-def ask(scene, kind, rng):
-    """Return a QA of ``kind`` about ``scene`` (question phrasing drawn from ``rng``)."""
+def _pick(rng, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _detect(items, rng, absent_rate):
+    """Return a grounding QA about one item (or, at ``absent_rate``, a label not there)."""
+    forms, weights = zip(*LABELS, strict=True)
+    form = forms[int(rng.choice(len(forms), p=np.array(weights) / sum(weights)))]
+    item = items[int(rng.integers(len(items)))]
+    if rng.random() < absent_rate:
+        shape, colour = _absent(items, rng)
+        label = form.format(shape=shape, colour=colour)
+        matches = find(items, None if '{shape}' not in form else shape,
+                       None if '{colour}' not in form else colour)
+        if not matches:
+            return QA('detect', GROUNDING_QUESTION.format(label=label), NO_BOX_ANSWER)
+    label = form.format(shape=item.shape, colour=item.colour)
+    return QA('detect', GROUNDING_QUESTION.format(label=label), box_answer(label, item.box),
+              item.box)
+
+
+def _exists(items, template, rng):
+    if rng.random() < 0.5:
+        item = _pick(rng, items)
+        shape, colour = item.shape, item.colour
+    else:
+        shape, colour = _absent(items, rng)
+    if '{a_colour}' in template and '{shape}' in template:
+        found = find(items, shape, colour)
+    elif '{a_shape}' in template:
+        found = find(items, shape=shape)
+    else:
+        found = find(items, colour=colour)
+    question = template.format(a_colour=f'{article(colour)} {colour}', shape=shape,
+                               a_shape=f'{article(shape)} {shape}')
+    return QA('exists', question, 'yes' if found else 'no')
+
+
+def ask(scene, kind, rng, absent_rate=0.0):
+    """
+    Return a QA of ``kind`` about ``scene`` (phrasing drawn from ``rng``).
+
+    Only ``scene.items`` is read, and of each item ``shape``, ``colour``, ``place`` and
+    ``box``, so scenes drawn by other renderers can be asked too.  ``absent_rate``: how often
+    a grounding question names something that is not there (answered ``none``).
+    """
+    items = scene.items
+    if kind == 'detect':
+        return _detect(items, rng, absent_rate)
     templates = TEMPLATES[kind]
-    template = templates[int(rng.integers(len(templates)))]
-    item = scene.items[int(rng.integers(len(scene.items)))]
+    if kind in SINGLE_TEMPLATES and len(items) == 1 and rng.random() < 0.4:
+        templates = SINGLE_TEMPLATES[kind]
+    template = _pick(rng, templates)
+    item = _pick(rng, items)
     if kind == 'describe':
         return QA(kind, template, describe(scene))
     if kind == 'colour':
@@ -285,31 +449,20 @@ def ask(scene, kind, rng):
     if kind == 'shape':
         return QA(kind, template.format(colour=item.colour), item.shape)
     if kind == 'count':
-        return QA(kind, template, NUMBER_WORDS[len(scene.items)])
+        return QA(kind, template, NUMBER_WORDS[len(items)])
     if kind == 'where':
         return QA(kind, template.format(shape=item.shape, colour=item.colour), item.place)
     if kind != 'exists':
         raise ValueError(f'unknown question kind {kind!r}')
-    if rng.random() < 0.5:
-        shape, colour = item.shape, item.colour
-    else:
-        shape, colour = _absent(scene, rng)
-    if '{a_colour}' in template and '{shape}' in template:
-        found = scene.find(shape, colour)
-    elif '{a_shape}' in template:
-        found = scene.find(shape=shape)
-    else:
-        found = scene.find(colour=colour)
-    question = template.format(a_colour=f'{article(colour)} {colour}', shape=shape,
-                               a_shape=f'{article(shape)} {shape}')
-    return QA(kind, question, 'yes' if found else 'no')
+    return _exists(items, template, rng)
 
 
 def held_out_set(seed, num_scenes, size=DEFAULT_SIZE, kinds=KINDS):
     """
     Return ``[(image, scene, [QA per kind])]`` for evaluation (stream 1 of ``seed``).
 
-    Every scene gets one question of each kind in ``kinds``.
+    Every scene gets one question of each kind in ``kinds``; grounding questions name a
+    shape that is there.
     """
     rng = scene_rng(seed, 1)
     out = []
@@ -333,27 +486,35 @@ def is_correct(answer, expected):
 def corpus_lines(seed=0, num_scenes=2000) -> List[str]:
     """Return chat-style text lines covering every phrasing (for training a tokenizer)."""
     lines = []
-    for kind in KINDS:
-        for template in TEMPLATES[kind]:
-            for shape in SHAPES:
-                for colour in COLOURS:
-                    question = template.format(
-                        shape=shape, colour=colour, a_colour=f'{article(colour)} {colour}',
-                        a_shape=f'{article(shape)} {shape}')
-                    lines.append(f'User: {question}')
+    templates = [t for kind in KINDS for t in TEMPLATES[kind]]
+    templates += [t for options in SINGLE_TEMPLATES.values() for t in options]
+    labels = [form.format(shape=s, colour=c) for form, _ in LABELS for s in SHAPES
+              for c in COLOURS]
+    for template in templates:
+        for shape in SHAPES:
+            for colour in COLOURS:
+                question = template.format(
+                    shape=shape, colour=colour, a_colour=f'{article(colour)} {colour}',
+                    a_shape=f'{article(shape)} {shape}', label=labels[len(lines) % len(labels)])
+                lines.append(f'User: {question}')
     lines = sorted(set(lines))
     # Short answers twice, so that each becomes one token (BPE merges need two sightings).
-    lines += 2 * [f'Assistant: {word}' for word in
-                  list(COLOURS) + list(SHAPES) + list(PLACES) + list(NUMBER_WORDS[1:]) +
-                  ['yes', 'no']]
+    words = (list(COLOURS) + list(SHAPES) + [w for p in PLACES for w in p.split()] +
+             list(NUMBER_WORDS[1:]) + ['yes', 'no', NO_BOX_ANSWER])
+    lines += 2 * [f'Assistant: {word}' for word in words]
+    lines += [f'Assistant: {box_answer(label, (0.1, 0.2, 0.3, 0.4))}' for label in labels]
     rng = scene_rng(seed, 2)
     lines += [f'Assistant: {describe(random_scene(rng))}' for _ in range(num_scenes)]
     return lines
 
 
 def sample_scene(seed=SAMPLE_SEED):
-    """Return the scene of the node's bundled sample image (three shapes)."""
-    return random_scene(scene_rng(seed, 3), count=3)
+    """Return the scene of the node's bundled sample image (three filled shapes)."""
+    scene = random_scene(scene_rng(seed, 3), count=3)
+    items = tuple(Item(i.shape, i.colour, i.centre, i.radius, i.rotation, i.tint)
+                  for i in scene.items)
+    return Scene(items=items, background=scene.background, vertical=scene.vertical,
+                 noise=0.0, noise_seed=0, supersampling=4, jpeg_quality=0)
 
 
 def write_image(image, path):

@@ -12,8 +12,9 @@ The model sees one 96 x 96 tile per image (no splitting: ``do_image_splitting`` 
 and ``size.longest_edge`` is the tile), i.e. 12 x 12 patches of 8 pixels, pixel-shuffled by
 4 into 3 x 3 = 9 image tokens -- one per cell of the scenes' 3 x 3 layout of places.
 Training has two stages: the vision tower and connector first learn to make each image
-token read as the words of its cell's object (``pretrain_vision``), then the language model
-learns the questions and answers with the vision part frozen.  Training inputs are made by
+token read as the words of the object whose centre is in its cell, and hold its box
+(``pretrain_vision``), then the language model learns the questions, answers and grounding
+answers with the vision part frozen.  Training inputs are made by
 the engine's own preprocessing and prompt code (``Idefics3Family.prepare``, equal to
 transformers' ``SmolVLMProcessor``), and the loss covers the answer tokens and the closing
 ``<end_of_utterance>`` only.  The tokenizer is tiny_tokenizer's byte-level BPE layout
@@ -36,9 +37,9 @@ from . import hub_files, scenes, smolvlm_factory, tiny_tokenizer
 TILE = 96
 # Shapes of the model (SmolVLMConfig vision_config / text_config).
 SPEC = {
-    'vision': {'hidden_size': 64, 'intermediate_size': 256, 'num_hidden_layers': 3,
+    'vision': {'hidden_size': 96, 'intermediate_size': 384, 'num_hidden_layers': 4,
                'num_attention_heads': 4, 'image_size': TILE, 'patch_size': 8},
-    'text': {'hidden_size': 128, 'intermediate_size': 256, 'num_hidden_layers': 3,
+    'text': {'hidden_size': 128, 'intermediate_size': 384, 'num_hidden_layers': 4,
              'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 32,
              'rope_theta': 10000.0},
     'scale_factor': 4,
@@ -46,11 +47,14 @@ SPEC = {
 }
 # Upper bound of the trained BPE part; the trainer stops earlier when merges run out.
 BASE_VOCAB_SIZE = 512
-# Image sizes drawn for training (the preprocessor resizes each to the tile).
-TRAIN_SIZES = (64, 96, 128, 160)
+# Image sizes drawn for training (the preprocessor resizes each to the tile), and how often.
+TRAIN_SIZES = ((48, 1.0), (64, 2.0), (96, 2.0), (128, 2.0), (160, 1.5), (224, 1.0),
+               (320, 0.5))
 # Relative frequency of the question kinds in training.
-KIND_WEIGHTS = {'describe': 2.0, 'colour': 1.0, 'shape': 1.0, 'count': 1.0, 'where': 1.0,
-                'exists': 1.0}
+KIND_WEIGHTS = {'describe': 1.5, 'colour': 1.0, 'shape': 1.0, 'count': 1.0, 'where': 0.7,
+                'exists': 1.0, 'detect': 2.5}
+# How often a training grounding question names something that is not there.
+ABSENT_DETECT_RATE = 0.15
 LABEL = 'a demonstration model trained on synthetic shape scenes, not a general model'
 # Files of the shipped folder besides the ONNX graphs and GGUF files.
 CONFIG_FILES = ('config.json', 'generation_config.json', 'preprocessor_config.json',
@@ -65,7 +69,13 @@ KEEP = ('MODEL_CARD.md',)
 
 def write_tokenizer(out_dir, seed=0):
     """Write the tokenizer files trained on the scene text; return the special ids."""
+    from tokenizers import AddedToken
+
     tokenizer = tiny_tokenizer.build_tiny_tokenizer(BASE_VOCAB_SIZE, scenes.corpus_lines(seed))
+    # Box coordinates as whole tokens (the pre-tokenizer splits digits one by one): one
+    # token per coordinate is one class to predict, read straight out of an image token.
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t in scenes.NUMBER_TOKENS])
     return tiny_tokenizer.write_tiny_tokenizer(out_dir, tokenizer, sort_keys=True)
 
 
@@ -103,7 +113,7 @@ def _vary_question(question, rng):
 
 
 class Examples:
-    """Encode scenes and questions exactly as the engine does at inference."""
+    """Encode questions and answers exactly as the engine does at inference."""
 
     def __init__(self, model_dir):
         """Load the engine's SmolVLM family (preprocessing, template, tokenizer)."""
@@ -116,76 +126,129 @@ class Examples:
         if self.family.do_image_splitting:
             raise ValueError('the default model is trained on single tiles (no splitting)')
 
-    def encode(self, image, question, answer):
-        """Return (ids, labels, pixel_values [1, 3, H, W]) of one training example."""
+    def encode(self, question, answer):
+        """Return (ids, labels) of one training example (one image, then the question)."""
         prompt = self._prompts.get(question)
         if prompt is None:
-            # The prompt ids depend on the question only: one image, no splitting.
-            prompt = self.family.prepare(image, question).input_ids.tolist()
+            # The prompt ids depend on the question only: one image, one tile.
+            blank = np.zeros((TILE, TILE, 3), dtype=np.uint8)
+            prompt = self.family.prepare(blank, question).input_ids.tolist()
             self._prompts[question] = prompt
         target = self.family.tokenizer.encode(' ' + answer, add_special_tokens=False)
         target.append(self.eou_id)
-        labels = [-100] * len(prompt) + target
-        return prompt + target, labels, self.pixels(image)
+        return prompt + target, [-100] * len(prompt) + target
 
     def pixels(self, image):
         """Return the engine's pixel_values [1, 3, H, W] of one image."""
         vision, _ = self.family.preprocess(image)
         return vision['pixel_values'][0]
 
-    def random(self, rng, vary=True):
-        """Return an encoded random example and its question kind."""
-        scene = scenes.random_scene(rng)
-        size = TRAIN_SIZES[int(rng.integers(len(TRAIN_SIZES)))]
-        image = scenes.render(scene, size)
-        weights = np.array([KIND_WEIGHTS[k] for k in scenes.KINDS])
-        kind = scenes.KINDS[int(rng.choice(len(scenes.KINDS), p=weights / weights.sum()))]
-        qa = scenes.ask(scene, kind, rng)
-        question = _vary_question(qa.question, rng) if vary else qa.question
-        return self.encode(image, question, qa.answer), kind
-
-    def collate(self, encoded):
-        """Pad a list of encoded examples into model inputs (torch tensors)."""
+    def collate(self, encoded, features):
+        """Pad encoded examples into model inputs; ``features``: their image tokens."""
         import torch
 
-        length = max(len(ids) for ids, _, _ in encoded)
+        length = max(len(ids) for ids, _ in encoded)
         batch = len(encoded)
         input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
         labels = torch.full((batch, length), -100, dtype=torch.long)
         attention = torch.zeros((batch, length), dtype=torch.long)
-        for row, (ids, lab, _) in enumerate(encoded):
+        for row, (ids, lab) in enumerate(encoded):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             labels[row, :len(lab)] = torch.tensor(lab)
             attention[row, :len(ids)] = 1
-        pixels = torch.from_numpy(np.stack([p for _, _, p in encoded]))
-        mask = torch.ones((batch, 1, pixels.shape[-2], pixels.shape[-1]), dtype=torch.bool)
         return {'input_ids': input_ids, 'attention_mask': attention, 'labels': labels,
-                'pixel_values': pixels, 'pixel_attention_mask': mask}
+                'image_features': features}
 
 
-def _word_ids(tokenizer, words):
-    """Return the single token id of each `` word`` (as it follows a space in the text)."""
+class ScenePool:
+    """
+    Stage 2's scenes, with their image tokens from the frozen vision part computed once.
+
+    Questions are drawn afresh at every use, so a scene serves several steps for the cost
+    of drawing and encoding it once.
+    """
+
+    def __init__(self, model, examples, rng, size, chunk=64):
+        """Draw, render and encode ``size`` scenes."""
+        import torch
+
+        inner = model.model
+        self.scenes, tokens = [], []
+        with torch.no_grad():
+            for start in range(0, size, chunk):
+                group = [scenes.random_scene(rng) for _ in range(min(chunk, size - start))]
+                pixels = np.stack([examples.pixels(scenes.render(s, train_size(rng)))[0]
+                                   for s in group])
+                hidden = inner.vision_model(pixel_values=torch.from_numpy(pixels))
+                tokens.append(inner.connector(hidden.last_hidden_state))
+                self.scenes += group
+        self.features = torch.cat(tokens)
+
+    def batch(self, examples, rng, num_scenes, questions=2, vary=True):
+        """Return (model inputs, kinds) of ``questions`` questions on each of ``num_scenes``."""
+        weights = np.array([KIND_WEIGHTS[k] for k in scenes.KINDS])
+        encoded, kinds, rows = [], [], []
+        for index in rng.integers(len(self.scenes), size=num_scenes):
+            for _ in range(questions):
+                kind = scenes.KINDS[int(rng.choice(len(scenes.KINDS),
+                                                   p=weights / weights.sum()))]
+                qa = scenes.ask(self.scenes[index], kind, rng, ABSENT_DETECT_RATE)
+                question = qa.question
+                if vary and kind != 'detect':
+                    question = _vary_question(question, rng)
+                encoded.append(examples.encode(question, qa.answer))
+                kinds.append(kind)
+                rows.append(int(index))
+        return examples.collate(encoded, self.features[rows]), kinds
+
+
+def train_size(rng):
+    """Return an image side for a training scene."""
+    sides, weights = zip(*TRAIN_SIZES, strict=True)
+    return int(rng.choice(sides, p=np.array(weights) / sum(weights)))
+
+
+def _word_ids(tokenizer, words, prefix=' '):
+    """Return the single token id of each ``prefix + word`` (as it follows in the text)."""
     ids = []
     for word in words:
-        encoded = tokenizer.encode(' ' + word, add_special_tokens=False)
+        encoded = tokenizer.encode(prefix + word, add_special_tokens=False)
         if len(encoded) != 1:
             raise ValueError(f'{word!r} is not a single token of the trained tokenizer')
         ids.append(encoded[0])
     return ids
 
 
+# Stage 1 loss weights: shapes are the slowest to learn, box coordinates the loudest loss.
+SHAPE_WEIGHT = 3.0
+COORDINATE_WEIGHT = 0.15
+# Place words of each grid row and column (the centre cell has neither).
+ROW_WORDS = ('top', None, 'bottom')
+COLUMN_WORDS = ('left', None, 'right')
+
+
 def cell_targets(scene):
-    """Return (shape, colour, place) class ids per grid cell, row-major (0: no shape)."""
+    """
+    Return stage 1's class targets per grid cell, row-major.
+
+    Shape and colour classes (0: no shape), row and column word classes (0: none) and the
+    four box coordinates' classes (-100 where the cell is empty).
+    """
     shapes = np.zeros(9, dtype=np.int64)
     colours = np.zeros(9, dtype=np.int64)
-    places = np.full(9, -100, dtype=np.int64)  # ignored where the cell is empty
+    rows = np.full(9, -100, dtype=np.int64)
+    columns = np.full(9, -100, dtype=np.int64)
+    boxes = np.full((9, 4), -100, dtype=np.int64)
     names = list(scenes.COLOURS)
     for item in scene.items:
-        row, col = scenes.PLACE_CELLS[item.place]
-        shapes[3 * row + col] = 1 + scenes.SHAPES.index(item.shape)
-        colours[3 * row + col] = 1 + names.index(item.colour)
-        places[3 * row + col] = list(scenes.PLACES).index(item.place)
-    return shapes, colours, places
+        cell = scenes.cell_of(item.centre)
+        shapes[cell] = 1 + scenes.SHAPES.index(item.shape)
+        colours[cell] = 1 + names.index(item.colour)
+        # Class 0 is "no word" (the middle row or column), then the words in order.
+        rows[cell] = (1, 0, 2)[cell // 3]
+        columns[cell] = (1, 0, 2)[cell % 3]
+        boxes[cell] = [scenes.NUMBER_TOKENS.index(scenes.coordinate(v)) for v in item.box]
+    return shapes, colours, rows, columns, boxes
 
 
 def _cosine_logits(tokens, rows, extra, temperature):
@@ -197,36 +260,113 @@ def _cosine_logits(tokens, rows, extra, temperature):
     return temperature * tokens @ functional.normalize(table, dim=-1).T
 
 
+def _soft_targets(classes, count, width=1.5):
+    """Return Gaussian-smoothed one-hot rows over ``count`` ordered classes."""
+    import torch
+
+    grid = torch.arange(count, dtype=torch.float32)
+    weights = torch.exp(-0.5 * ((grid[None, :] - classes[:, None].float()) / width) ** 2)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+class VisionHeads:
+    """Stage 1's read-outs of an image token, all against the language model's embeddings."""
+
+    def __init__(self, model, tokenizer, temperature=20.0):
+        """Look up the word and number tokens; make the learned extra rows and projections."""
+        import torch
+
+        self.embeddings = model.get_input_embeddings().weight
+        width = self.embeddings.shape[1]
+        self.temperature = temperature
+        self.words = {
+            'shape': torch.tensor(_word_ids(tokenizer, scenes.SHAPES)),
+            'colour': torch.tensor(_word_ids(tokenizer, list(scenes.COLOURS))),
+            'row': torch.tensor(_word_ids(tokenizer, [w for w in ROW_WORDS if w])),
+            'column': torch.tensor(_word_ids(tokenizer, [w for w in COLUMN_WORDS if w])),
+            'number': torch.tensor(_word_ids(tokenizer, scenes.NUMBER_TOKENS, prefix='')),
+        }
+        # "Nothing" directions: no shape, no colour, no row word, no column word.
+        self.nothing = torch.nn.Parameter(torch.randn(4, width) * 0.02)
+        # One map per box coordinate from the token to the number embeddings: the language
+        # model's attention can learn the same maps to copy a coordinate out.
+        self.coordinate_maps = torch.nn.Parameter(
+            torch.eye(width).repeat(4, 1, 1) + torch.randn(4, width, width) * 0.02)
+
+    def parameters(self):
+        """Return the heads' own parameters."""
+        return [self.nothing, self.coordinate_maps]
+
+    def logits(self, name, tokens, extra):
+        """Return the cosine logits of ``tokens`` against the words of ``name``."""
+        rows = self.embeddings[self.words[name]]
+        return _cosine_logits(tokens, rows, None if extra is None else self.nothing[extra],
+                              self.temperature)
+
+    def losses(self, tokens, targets):
+        """Return (summed loss, per-cell all-right flags) of unit-norm ``tokens`` [N, width]."""
+        import torch
+        from torch.nn import functional
+
+        shapes, colours, rows, columns, boxes = targets
+        logits = {'shape': self.logits('shape', tokens, slice(0, 1)),
+                  'colour': self.logits('colour', tokens, slice(1, 2)),
+                  'row': self.logits('row', tokens, slice(2, 3)),
+                  'column': self.logits('column', tokens, slice(3, 4))}
+        loss = (SHAPE_WEIGHT * functional.cross_entropy(logits['shape'], shapes) +
+                functional.cross_entropy(logits['colour'], colours) +
+                functional.cross_entropy(logits['row'], rows, ignore_index=-100) +
+                functional.cross_entropy(logits['column'], columns, ignore_index=-100))
+        present = shapes > 0
+        ok = ((logits['shape'].argmax(-1) == shapes) & (logits['colour'].argmax(-1) == colours))
+        ok &= (logits['row'].argmax(-1) == rows) | (rows == -100)
+        ok &= (logits['column'].argmax(-1) == columns) | (columns == -100)
+        close = torch.ones_like(ok)
+        stats = {'shape': (logits['shape'].argmax(-1) == shapes)[present].float().mean().item(),
+                 'colour': (logits['colour'].argmax(-1) == colours)[present].float().mean().item(),
+                 'empty': (logits['shape'].argmax(-1) == 0)[~present].float().mean().item()}
+        errors = []
+        if present.any():
+            numbers = self.embeddings[self.words['number']]
+            numbers = functional.normalize(numbers, dim=-1)
+            for k in range(4):
+                mapped = functional.normalize(tokens[present] @ self.coordinate_maps[k], dim=-1)
+                coordinate = self.temperature * mapped @ numbers.T
+                target = boxes[present, k]
+                soft = _soft_targets(target, numbers.shape[0])
+                log_p = functional.log_softmax(coordinate, -1)
+                loss = loss + COORDINATE_WEIGHT * torch.sum(-soft * log_p, -1).mean()
+                hit = torch.zeros_like(ok)
+                hit[present] = (coordinate.argmax(-1) - target).abs() <= 2
+                close &= hit | ~present
+                errors.append((coordinate.argmax(-1) - target).abs().float().mean().item())
+        stats['coordinate_error'] = float(np.mean(errors)) if errors else 0.0
+        return loss, ok & close, stats
+
+
 def pretrain_vision(model, examples, rng, steps, batch_size=32, lr=2e-3, weight_decay=0.05,
-                    temperature=20.0, log_every=500, log=print):
+                    log_every=500, log=print):
     """
-    Stage 1: make each image token read as the words of the object in its cell.
+    Stage 1: make each image token read as the words and the box of its cell's object.
 
     A vision transformer learned from scratch picks up shapes slowly when its only signal
-    comes through the language model.  Here each of the 9 connector outputs (one per cell
-    of the scenes' 3 x 3 layout) is classified, by cosine similarity with the language
-    model's own (tied) embeddings of the words `` circle`` .. `` cross``, `` red`` ..
-    `` orange`` and `` top`` .. `` bottom``, as the shape, colour and place of the object
-    in its cell (or as a learned "nothing" direction).  The image tokens then arrive in the
-    language model as sums of the words a question asks for, so stage 2 only has to learn
-    to find the token that matches the question and copy a word out of it.
+    comes through the language model.  Here each of the 9 connector outputs (one per cell of
+    a 3 x 3 grid) is classified, by cosine similarity with the language model's own (tied)
+    embeddings, as the shape, colour, row and column words of the object whose centre lies
+    in its cell (or as a learned "nothing" direction), and, through one learned map per
+    coordinate, as the number tokens of that object's box corners (smoothed over nearby
+    values, so that close is nearly right).  The image tokens then arrive in the language
+    model as sums of the words a question asks for, so stage 2 mostly has to learn to find
+    the token that matches the question and copy a word or a coordinate out of it.
     """
     import torch
-    from torch.nn import functional
 
     inner = model.model
     if image_seq_len() != 9:
         raise ValueError('stage 1 expects 3 x 3 image tokens')
-    tokenizer = examples.family.tokenizer
-    words = {
-        'shape': torch.tensor(_word_ids(tokenizer, scenes.SHAPES)),
-        'colour': torch.tensor(_word_ids(tokenizer, list(scenes.COLOURS))),
-        'place': torch.tensor(_word_ids(tokenizer, list(scenes.PLACES))),
-    }
-    embeddings = model.get_input_embeddings().weight
-    nothing = torch.nn.Parameter(torch.randn(2, embeddings.shape[1]) * 0.02)
+    heads = VisionHeads(model, examples.family.tokenizer)
     params = (list(inner.vision_model.parameters()) + list(inner.connector.parameters()) +
-              [embeddings, nothing])
+              [heads.embeddings] + heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     inner.vision_model.train()
     start = time.monotonic()
@@ -237,55 +377,61 @@ def pretrain_vision(model, examples, rng, steps, batch_size=32, lr=2e-3, weight_
         pixels, targets = [], []
         for _ in range(batch_size):
             scene = scenes.random_scene(rng)
-            size = TRAIN_SIZES[int(rng.integers(len(TRAIN_SIZES)))]
-            pixels.append(examples.pixels(scenes.render(scene, size))[0])
+            pixels.append(examples.pixels(scenes.render(scene, train_size(rng)))[0])
             targets.append(cell_targets(scene))
         pixels = torch.from_numpy(np.stack(pixels))
-        shapes, colours, places = (torch.from_numpy(np.stack(t)).reshape(-1)
-                                   for t in zip(*targets, strict=True))
+        targets = [torch.from_numpy(np.stack(t)).reshape(batch_size * 9, *t[0].shape[1:])
+                   for t in zip(*targets, strict=True)]
         tokens = inner.connector(inner.vision_model(pixel_values=pixels).last_hidden_state)
-        tokens = functional.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
-
-        shape_logits = _cosine_logits(tokens, embeddings[words['shape']], nothing[:1],
-                                      temperature)
-        colour_logits = _cosine_logits(tokens, embeddings[words['colour']], nothing[1:],
-                                       temperature)
-        place_logits = _cosine_logits(tokens, embeddings[words['place']], None, temperature)
-        loss = (functional.cross_entropy(shape_logits, shapes) +
-                functional.cross_entropy(colour_logits, colours) +
-                functional.cross_entropy(place_logits, places, ignore_index=-100))
+        tokens = torch.nn.functional.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
+        loss, ok, stats = heads.losses(tokens, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            ok = ((shape_logits.argmax(-1) == shapes) & (colour_logits.argmax(-1) == colours) &
-                  ((place_logits.argmax(-1) == places) | (places == -100)))
-            running.append(ok.reshape(batch_size, -1).all(1).float().mean().item())
+        running.append(dict(stats, all=ok.reshape(batch_size, -1).all(1).float().mean().item()))
         if (step + 1) % log_every == 0:
-            log(f'vision step {step + 1}/{steps}  loss {loss.item():.4f}  '
-                f'all cells right {np.mean(running):.3f}  {time.monotonic() - start:.0f} s')
+            means = {k: np.mean([r[k] for r in running]) for k in running[0]}
+            log(f'vision step {step + 1}/{steps}  loss {loss.item():.4f}  ' +
+                '  '.join(f'{k} {v:.3f}' for k, v in means.items()) +
+                f'  {time.monotonic() - start:.0f} s')
             running = []
     return time.monotonic() - start
 
 
-def answer_loss(model, batch):
-    """Return (loss, per-example exact-match flags) over the answer tokens only."""
+def answer_loss(model, batch, per_token=False):
+    """
+    Return (loss, per-example exact-match flags) over the answer tokens only.
+
+    The loss is the mean over questions of each answer's mean token loss, or with
+    ``per_token`` the mean over all answer tokens.  The first weighs a one-word answer like
+    a 24-token box, which teaches the short answers fast but, where a short and a long
+    answer begin at the same point (``none`` or a box), pulls the first token towards the
+    short one; the second does not.
+    """
     import torch
     from torch.nn import functional
 
-    out = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'],
-                pixel_values=batch['pixel_values'],
-                pixel_attention_mask=batch['pixel_attention_mask'])
+    input_ids = batch['input_ids']
+    embeds = model.get_input_embeddings()(input_ids)
+    # The image tokens go in where the prompt's <image> placeholders are, as the model's own
+    # forward would put them, from features computed once per scene.
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    features = batch['image_features'].reshape(-1, embeds.shape[-1])
+    embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    out = model(inputs_embeds=embeds, attention_mask=batch['attention_mask'])
     logits = out.logits[:, :-1]
     labels = batch['labels'][:, 1:]
     mask = labels != -100
     ce = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                   ignore_index=-100, reduction='none').view(labels.shape)
-    per_example = (ce * mask).sum(1) / mask.sum(1)
+    if per_token:
+        loss = (ce * mask).sum() / mask.sum()
+    else:
+        loss = ((ce * mask).sum(1) / mask.sum(1)).mean()
     with torch.no_grad():
         # All answer tokens argmax-correct under teacher forcing == greedy gives the answer.
         exact = ((logits.argmax(-1) == labels) | ~mask).all(1)
-    return per_example.mean(), exact
+    return loss, exact
 
 
 def _learning_rate(step, steps, peak, warmup):
@@ -296,30 +442,31 @@ def _learning_rate(step, steps, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def validate(model, examples, batches):
+def validate(model, batches):
     """Return exact-match accuracy per question kind on fixed validation batches."""
     import torch
 
     hits = {k: [] for k in scenes.KINDS}
     model.eval()
     with torch.no_grad():
-        for encoded, kinds in batches:
-            _, exact = answer_loss(model, examples.collate(encoded))
+        for batch, kinds in batches:
+            _, exact = answer_loss(model, batch)
             for kind, ok in zip(kinds, exact.tolist(), strict=True):
                 hits[kind].append(ok)
     model.train()
     return {k: float(np.mean(v)) if v else float('nan') for k, v in hits.items()}
 
 
-def train(model_dir, seed=0, steps=3000, batch_size=64, lr=1e-3, warmup=300,
-          vision_steps=3000, weight_decay=0.05, threads=1, log_every=100, eval_every=500,
-          log=print):
+def train(model_dir, seed=0, steps=3000, batch_size=32, lr=1e-3, warmup=300,
+          vision_steps=2000, pool_size=8000, cycles=2, weight_decay=0.05, threads=1,
+          log_every=100, eval_every=500, log=print):
     """
     Build and train the model in ``model_dir`` (weights and configs saved there).
 
     Stage 1 pretrains the vision tower (``pretrain_vision``, ``vision_steps`` steps of 32
-    images); stage 2 trains the whole model on question/answer pairs (``steps`` steps of
-    ``batch_size``).  Returns a summary dict (steps, seconds, validation accuracies).
+    images); stage 2 freezes it and trains the language model on questions about
+    ``pool_size`` scenes (``answer_stage``: ``cycles`` cycles of ``steps`` steps of
+    ``batch_size`` questions).  Returns a summary dict (steps, seconds, validation accuracies).
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -333,62 +480,97 @@ def train(model_dir, seed=0, steps=3000, batch_size=64, lr=1e-3, warmup=300,
         make_config(ids), attn_implementation='eager').to(torch.float32)
     save_checkpoint(model, ids, model_dir)  # the engine family reads these files
     examples = Examples(model_dir)
-    rng = scenes.scene_rng(seed, 0)
-    val_rng = scenes.scene_rng(seed, 5)
-    val = []
-    for _ in range(8):
-        pairs = [examples.random(val_rng, vary=False) for _ in range(64)]
-        val.append(([e for e, _ in pairs], [k for _, k in pairs]))
     params = sum(p.numel() for p in model.parameters())
     log(f'model: {params:,} parameters, vocabulary {ids["vocab_size"]}, '
         f'{image_seq_len()} image tokens')
-    vision_seconds = 0.0
-    if vision_steps:
-        vision_seconds = pretrain_vision(model, examples, scenes.scene_rng(seed, 6),
-                                         vision_steps, weight_decay=weight_decay,
-                                         log_every=log_every * 5, log=log)
-        torch.save(model.state_dict(), os.path.join(model_dir, 'stage1.pt'))
-    if vision_steps:
-        # Stage 2 keeps the vision tower and connector of stage 1: the language model learns
-        # to read tokens that already name what is in each cell (and steps get cheaper).
-        for module in (model.model.vision_model, model.model.connector):
-            module.requires_grad_(False)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    model.train()
     start = time.monotonic()
-    running, running_exact = [], []
-    accuracy = {}
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group['lr'] = _learning_rate(step, steps, lr, warmup)
-        encoded = [examples.random(rng)[0] for _ in range(batch_size)]
-        loss, exact = answer_loss(model, examples.collate(encoded))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
-        optimizer.step()
-        running.append(loss.item())
-        running_exact.append(exact.float().mean().item())
-        if (step + 1) % log_every == 0:
-            log(f'step {step + 1}/{steps}  loss {np.mean(running):.4f}  '
-                f'exact {np.mean(running_exact):.3f}  '
-                f'{time.monotonic() - start:.0f} s')
-            running, running_exact = [], []
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            accuracy = validate(model, examples, val)
-            log('validation: ' + '  '.join(f'{k} {v:.3f}' for k, v in accuracy.items()))
-    seconds = time.monotonic() - start
-    model.eval()
+    vision_seconds = pretrain_vision(model, examples, scenes.scene_rng(seed, 6), vision_steps,
+                                     weight_decay=weight_decay, log_every=log_every * 2,
+                                     log=log)
     save_checkpoint(model, ids, model_dir)
-    return {'steps': steps, 'batch_size': batch_size, 'vision_steps': vision_steps,
-            'seconds': round(vision_seconds + seconds, 1),
+    accuracy = answer_stage(model, ids, examples, model_dir, seed, range(cycles), steps,
+                            batch_size, lr, warmup, pool_size, weight_decay, log_every,
+                            eval_every, log)
+    return {'steps': steps, 'cycles': cycles, 'batch_size': batch_size,
+            'vision_steps': vision_steps, 'pool_size': pool_size,
+            'seconds': round(time.monotonic() - start, 1),
             'vision_seconds': round(vision_seconds, 1), 'parameters': params,
             'validation': accuracy}
+
+
+def answer_stage(model, ids, examples, model_dir, seed, cycles, steps, batch_size, lr, warmup,
+                 pool_size, weight_decay, log_every=100, eval_every=500, log=print):
+    """
+    Stage 2: train the language model, vision frozen, for each cycle number in ``cycles``.
+
+    Each cycle is a fresh AdamW with its own warm-up and cosine decay (a warm restart) and its
+    own stream of questions, and ends by saving the checkpoint: a run stopped between cycles
+    goes on exactly where it stopped (``resume``).  Returns the last validation accuracies.
+    """
+    import torch
+
+    # The language model learns to read tokens that already name what is in each cell.
+    for module in (model.model.vision_model, model.model.connector):
+        module.requires_grad_(False)
+    model.eval()
+    start = time.monotonic()
+    pool = ScenePool(model, examples, scenes.scene_rng(seed, 0), pool_size)
+    val_pool = ScenePool(model, examples, scenes.scene_rng(seed, 5), 256)
+    val_rng = scenes.scene_rng(seed, 7)
+    val = [val_pool.batch(examples, val_rng, 32, vary=False) for _ in range(8)]
+    log(f'scene pool: {pool_size} scenes in {time.monotonic() - start:.0f} s')
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    accuracy = {}
+    for cycle in cycles:
+        decay = [p for n, p in trainable if p.ndim >= 2]
+        no_decay = [p for n, p in trainable if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                                       {'params': no_decay, 'weight_decay': 0.0}],
+                                      lr=lr, betas=(0.9, 0.98), eps=1e-8)
+        model.train()
+        rng = scenes.scene_rng(seed, 8 + cycle)
+        running, running_exact = [], []
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group['lr'] = _learning_rate(step, steps, lr, warmup)
+            batch, _ = pool.batch(examples, rng, batch_size // 2)
+            # The first cycle weighs questions equally, the next ones tokens (answer_loss).
+            loss, exact = answer_loss(model, batch, per_token=cycle > 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+            optimizer.step()
+            running.append(loss.item())
+            running_exact.append(exact.float().mean().item())
+            if (step + 1) % log_every == 0:
+                log(f'cycle {cycle + 1} step {step + 1}/{steps}  loss {np.mean(running):.4f}  '
+                    f'exact {np.mean(running_exact):.3f}  {time.monotonic() - start:.0f} s')
+                running, running_exact = [], []
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                accuracy = validate(model, val)
+                log('validation: ' + '  '.join(f'{k} {v:.3f}' for k, v in accuracy.items()))
+        model.eval()
+        save_checkpoint(model, ids, model_dir)
+        log(f'cycle {cycle + 1} saved')
+    return accuracy
+
+
+def resume(model_dir, first_cycle, seed=0, cycles=2, threads=2, **kwargs):
+    """
+    Go on with stage 2 of a run saved in ``model_dir`` after cycle ``first_cycle``.
+
+    ``kwargs`` are ``answer_stage``'s, with the run's own settings.
+    """
+    from tokenizers import Tokenizer
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch.set_num_threads(threads)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation='eager')
+    tokenizer = Tokenizer.from_file(os.path.join(model_dir, 'tokenizer.json'))
+    ids = tiny_tokenizer.token_ids(tokenizer)
+    return answer_stage(model, ids, Examples(model_dir), model_dir, seed,
+                        range(first_cycle, cycles), **kwargs)
 
 
 # Export and shipping ----------------------------------------------------------------------
@@ -467,9 +649,11 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='vlm_ros/models/default',
                         help='folder to (re)write with the shipped files')
-    parser.add_argument('--vision-steps', type=int, default=3000, help='stage 1 steps')
+    parser.add_argument('--vision-steps', type=int, default=2000, help='stage 1 steps')
     parser.add_argument('--steps', type=int, default=3000, help='stage 2 steps')
-    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--pool-size', type=int, default=8000, help='stage 2 scenes')
+    parser.add_argument('--cycles', type=int, default=2, help='stage 2 cycles (warm restarts)')
+    parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--lr', type=float, default=1e-3, help='stage 2 peak learning rate')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--work-dir', help='keep the PyTorch checkpoint here (default: a '
@@ -484,7 +668,8 @@ def main(argv=None):
     work = args.work_dir or tempfile.mkdtemp(prefix='vlm-default-')
     try:
         summary = train(work, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, vision_steps=args.vision_steps, threads=args.threads,
+                        lr=args.lr, vision_steps=args.vision_steps, pool_size=args.pool_size,
+                        cycles=args.cycles, threads=args.threads,
                         log=lambda line: print(line, flush=True))
         print(f'trained in {summary["seconds"]:.0f} s', flush=True)
         export(work)
@@ -492,11 +677,14 @@ def main(argv=None):
             'source': 'tools/vlm_ros_tools/train_default.py (see MODEL_CARD.md)',
             'command': (f'python -m vlm_ros_tools.train_default --seed {args.seed} '
                         f'--vision-steps {args.vision_steps} --steps {args.steps} '
+                        f'--pool-size {args.pool_size} --cycles {args.cycles} '
                         f'--batch-size {args.batch_size} --lr {args.lr} --threads {args.threads} '
                         f'--out {args.out}'),
             'seed': args.seed,
             'vision_steps': summary['vision_steps'],
             'steps': summary['steps'],
+            'pool_size': summary['pool_size'],
+            'cycles': summary['cycles'],
             'batch_size': summary['batch_size'],
             'parameters': summary['parameters'],
             'train_seconds': summary['seconds'],

