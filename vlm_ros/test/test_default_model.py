@@ -106,9 +106,11 @@ def test_fp32_answers_are_correct(held_out):
     correct, total = results['ONNX fp32']['scores']['overall']
     assert total == NUM_SCENES * len(scenes.KINDS)
     assert correct / total >= 0.75, eval_default.markdown_table(results)
+    # Colour, shape and count are its strong kinds (92-100% in the model card); 12 questions
+    # each leave room for a JPEG decoder or runtime version turning one or two answers.
     for kind in ('colour', 'shape', 'count'):
         correct, total = results['ONNX fp32']['scores'][kind]
-        assert correct / total >= 0.85, eval_default.markdown_table(results)
+        assert correct / total >= 0.75, eval_default.markdown_table(results)
 
 
 def test_every_path_locates_a_lone_shape():
@@ -138,7 +140,7 @@ def test_scenes_of_another_renderer_are_answered(drawn):
         assert correct / total >= 0.7, f'{path}\n' + eval_default.markdown_table(results)
         for kind in ('colour', 'shape', 'count'):
             correct, total = res['scores'][kind]
-            assert correct / total >= 0.8, f'{path}\n' + eval_default.markdown_table(results)
+            assert correct / total >= 0.75, f'{path}\n' + eval_default.markdown_table(results)
 
 
 def test_every_path_answers_correctly(held_out):
