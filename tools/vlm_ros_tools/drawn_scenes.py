@@ -26,7 +26,8 @@ import numpy as np
 
 from . import scenes
 
-SHAPES = ('circle', 'square', 'triangle', 'star', 'cross')
+# The model's vocabulary and grid are those of scenes; only the drawing is this module's.
+SHAPES = scenes.SHAPES
 # This renderer's own RGB values, near but not equal to the training palette.
 COLOURS = {
     'red': (220, 30, 30),
@@ -37,12 +38,11 @@ COLOURS = {
     'orange': (250, 140, 20),
 }
 COLOUR_JITTER = 15
-PLACES = ('top left', 'top', 'top right', 'left', 'centre', 'right', 'bottom left', 'bottom',
-          'bottom right')
+PLACES = scenes.PLACES
 KINDS = ('colour', 'shape', 'count', 'exists', 'detect')
 STREAM = 7
 MIN_SIDE, MAX_SIDE = 48, 640
-MAX_SHAPES = 3
+MAX_SHAPES = scenes.MAX_SHAPES
 # Bounding box side (the larger of width and height) as a fraction of the image side.
 MIN_EXTENT = 0.10
 MAX_EXTENT = 0.60
@@ -261,7 +261,7 @@ def _jpeg(image, quality):
 
 def place_of(x, y):
     """Return the name of the 3 x 3 grid cell holding (x, y), fractions of the side."""
-    return PLACES[3 * min(2, int(y * 3)) + min(2, int(x * 3))]
+    return PLACES[scenes.cell_of((x, y))]
 
 
 def draw_scene(rng):

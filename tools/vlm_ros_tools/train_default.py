@@ -53,6 +53,8 @@ TRAIN_SIZES = ((48, 1.0), (64, 2.0), (96, 2.0), (128, 2.0), (160, 1.5), (224, 1.
 # Relative frequency of the question kinds in training.
 KIND_WEIGHTS = {'describe': 1.5, 'colour': 1.0, 'shape': 1.0, 'count': 1.0, 'where': 0.7,
                 'exists': 1.0, 'detect': 2.5}
+_KIND_WEIGHTS = np.array([KIND_WEIGHTS[k] for k in scenes.KINDS])
+KIND_PROBABILITIES = _KIND_WEIGHTS / _KIND_WEIGHTS.sum()
 # How often a training grounding question names something that is not there.
 ABSENT_DETECT_RATE = 0.15
 LABEL = 'a demonstration model trained on synthetic shape scenes, not a general model'
@@ -172,26 +174,20 @@ class ScenePool:
         """Draw, render and encode ``size`` scenes."""
         import torch
 
-        inner = model.model
         self.scenes, tokens = [], []
         with torch.no_grad():
             for start in range(0, size, chunk):
-                group = [scenes.random_scene(rng) for _ in range(min(chunk, size - start))]
-                pixels = np.stack([examples.pixels(scenes.render(s, train_size(rng)))[0]
-                                   for s in group])
-                hidden = inner.vision_model(pixel_values=torch.from_numpy(pixels))
-                tokens.append(inner.connector(hidden.last_hidden_state))
+                group, pixels = draw_scenes(examples, rng, min(chunk, size - start))
+                tokens.append(image_tokens(model, pixels))
                 self.scenes += group
         self.features = torch.cat(tokens)
 
     def batch(self, examples, rng, num_scenes, questions=2, vary=True):
         """Return (model inputs, kinds) of ``questions`` questions on each of ``num_scenes``."""
-        weights = np.array([KIND_WEIGHTS[k] for k in scenes.KINDS])
         encoded, kinds, rows = [], [], []
         for index in rng.integers(len(self.scenes), size=num_scenes):
             for _ in range(questions):
-                kind = scenes.KINDS[int(rng.choice(len(scenes.KINDS),
-                                                   p=weights / weights.sum()))]
+                kind = scenes.KINDS[int(rng.choice(len(scenes.KINDS), p=KIND_PROBABILITIES))]
                 qa = scenes.ask(self.scenes[index], kind, rng, ABSENT_DETECT_RATE)
                 question = qa.question
                 if vary and kind != 'detect':
@@ -206,6 +202,21 @@ def train_size(rng):
     """Return an image side for a training scene."""
     sides, weights = zip(*TRAIN_SIZES, strict=True)
     return int(rng.choice(sides, p=np.array(weights) / sum(weights)))
+
+
+def draw_scenes(examples, rng, count):
+    """Return ``count`` random scenes and their pixel_values [count, 3, H, W] (torch)."""
+    import torch
+
+    drawn = [scenes.random_scene(rng) for _ in range(count)]
+    pixels = [examples.pixels(scenes.render(s, train_size(rng)))[0] for s in drawn]
+    return drawn, torch.from_numpy(np.stack(pixels))
+
+
+def image_tokens(model, pixels):
+    """Return the connector's image tokens [N, 9, width] of ``pixels``."""
+    inner = model.model
+    return inner.connector(inner.vision_model(pixel_values=pixels).last_hidden_state)
 
 
 def _word_ids(tokenizer, words, prefix=' '):
@@ -318,13 +329,14 @@ class VisionHeads:
                 functional.cross_entropy(logits['row'], rows, ignore_index=-100) +
                 functional.cross_entropy(logits['column'], columns, ignore_index=-100))
         present = shapes > 0
-        ok = ((logits['shape'].argmax(-1) == shapes) & (logits['colour'].argmax(-1) == colours))
-        ok &= (logits['row'].argmax(-1) == rows) | (rows == -100)
-        ok &= (logits['column'].argmax(-1) == columns) | (columns == -100)
+        guess = {name: value.argmax(-1) for name, value in logits.items()}
+        ok = (guess['shape'] == shapes) & (guess['colour'] == colours)
+        ok &= (guess['row'] == rows) | (rows == -100)
+        ok &= (guess['column'] == columns) | (columns == -100)
         close = torch.ones_like(ok)
-        stats = {'shape': (logits['shape'].argmax(-1) == shapes)[present].float().mean().item(),
-                 'colour': (logits['colour'].argmax(-1) == colours)[present].float().mean().item(),
-                 'empty': (logits['shape'].argmax(-1) == 0)[~present].float().mean().item()}
+        stats = {'shape': (guess['shape'] == shapes)[present].float().mean().item(),
+                 'colour': (guess['colour'] == colours)[present].float().mean().item(),
+                 'empty': (guess['shape'] == 0)[~present].float().mean().item()}
         errors = []
         if present.any():
             numbers = self.embeddings[self.words['number']]
@@ -336,10 +348,11 @@ class VisionHeads:
                 soft = _soft_targets(target, numbers.shape[0])
                 log_p = functional.log_softmax(coordinate, -1)
                 loss = loss + COORDINATE_WEIGHT * torch.sum(-soft * log_p, -1).mean()
+                miss = (coordinate.argmax(-1) - target).abs()
                 hit = torch.zeros_like(ok)
-                hit[present] = (coordinate.argmax(-1) - target).abs() <= 2
+                hit[present] = miss <= 2
                 close &= hit | ~present
-                errors.append((coordinate.argmax(-1) - target).abs().float().mean().item())
+                errors.append(miss.float().mean().item())
         stats['coordinate_error'] = float(np.mean(errors)) if errors else 0.0
         return loss, ok & close, stats
 
@@ -382,7 +395,7 @@ def pretrain_vision(model, examples, rng, steps, batch_size=32, lr=2e-3, weight_
         pixels = torch.from_numpy(np.stack(pixels))
         targets = [torch.from_numpy(np.stack(t)).reshape(batch_size * 9, *t[0].shape[1:])
                    for t in zip(*targets, strict=True)]
-        tokens = inner.connector(inner.vision_model(pixel_values=pixels).last_hidden_state)
+        tokens = image_tokens(model, pixels)
         tokens = torch.nn.functional.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
         loss, ok, stats = heads.losses(tokens, targets)
         optimizer.zero_grad(set_to_none=True)
