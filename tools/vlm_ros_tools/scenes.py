@@ -177,10 +177,6 @@ class Scene:
     jpeg_quality: int = 0
     """0: no JPEG compression."""
 
-    def find(self, shape=None, colour=None):
-        """Return the items with ``shape`` and/or ``colour``."""
-        return find(self.items, shape, colour)
-
 
 @dataclass(frozen=True)
 class QA:
