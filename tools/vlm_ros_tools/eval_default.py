@@ -25,6 +25,9 @@ PATHS = {
     'ONNX int8': {'variant': 'int8'},
     'llama.cpp f16': {'decoder_model': 'gguf/model-f16.gguf'},
     'llama.cpp Q8_0': {'decoder_model': 'gguf/model-q8_0.gguf'},
+    # llama.cpp's own projector: libmtmd preprocesses and lays the image out.
+    'llama.cpp f16 + mtmd': {'vision_model': 'gguf/mmproj-f16.gguf',
+                             'decoder_model': 'gguf/model-f16.gguf'},
 }
 DEFAULT_MODEL_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

@@ -223,7 +223,7 @@ def write_tokenizer_files(out_dir, tokenizer, config, special_tokens, chat_templ
         hub_files.write_json(os.path.join(out_dir, name), data, sort_keys=sort_keys)
 
 
-def write_tiny_tokenizer(out_dir, tokenizer=None, sort_keys=False):
+def write_tiny_tokenizer(out_dir, tokenizer=None, sort_keys=False, chat_template=CHAT_TEMPLATE):
     """
     Write the tokenizer files into ``out_dir``; return the special token ids.
 
@@ -233,5 +233,5 @@ def write_tiny_tokenizer(out_dir, tokenizer=None, sort_keys=False):
     if tokenizer is None:
         tokenizer = build_tiny_tokenizer()
     write_tokenizer_files(out_dir, tokenizer, tokenizer_config(tokenizer), special_tokens_map(),
-                          CHAT_TEMPLATE, sort_keys)
+                          chat_template, sort_keys)
     return token_ids(tokenizer)

@@ -5,7 +5,8 @@ Train the embedded default model: a tiny SmolVLM that answers questions about sh
 SmolVLM (Idefics3 architecture: SigLIP-style vision tower, pixel-shuffle connector, Llama
 language model) from scratch on CPU with PyTorch, on the synthetic scenes of ``scenes``,
 then exports it with the project's own exporters (``export_onnx``: ONNX fp32 + int8;
-``gguf_export``: the language model as GGUF f16 and Q8_0) and writes the hub-style model
+``gguf_export``: the language model as GGUF f16 and Q8_0, the vision part as an f16
+mmproj for llama.cpp's own projector) and writes the hub-style model
 folder plus ``vlm_ros.json`` (the label the node logs) and ``checksums.json``.
 
 The model sees one 96 x 96 tile per image (no splitting: ``do_image_splitting`` is false
@@ -14,7 +15,8 @@ and ``size.longest_edge`` is the tile), i.e. 12 x 12 patches of 8 pixels, pixel-
 Training has two stages: the vision tower and connector first learn to make each image
 token read as the words of the object whose centre is in its cell, and hold its box
 (``pretrain_vision``), then the language model learns the questions, answers and grounding
-answers with the vision part frozen.  Training inputs are made by
+answers with the vision part frozen, a quarter of them with the image laid out as libmtmd
+lays it out (a tile, then the global image).  Training inputs are made by
 the engine's own preprocessing and prompt code (``Idefics3Family.prepare``, equal to
 transformers' ``SmolVLMProcessor``), and the loss covers the answer tokens and the closing
 ``<end_of_utterance>`` only.  The tokenizer is tiny_tokenizer's byte-level BPE layout
@@ -51,18 +53,39 @@ BASE_VOCAB_SIZE = 512
 TRAIN_SIZES = ((48, 1.0), (64, 2.0), (96, 2.0), (128, 2.0), (160, 1.5), (224, 1.0),
                (320, 0.5))
 # Relative frequency of the question kinds in training.
-KIND_WEIGHTS = {'describe': 1.5, 'colour': 1.0, 'shape': 1.0, 'count': 1.0, 'where': 0.7,
-                'exists': 1.0, 'detect': 2.5}
+# The kinds that need the question's object found among several weigh more.
+KIND_WEIGHTS = {'describe': 1.0, 'colour': 1.0, 'shape': 1.0, 'count': 0.5, 'where': 1.5,
+                'exists': 1.5, 'detect': 2.5}
 _KIND_WEIGHTS = np.array([KIND_WEIGHTS[k] for k in scenes.KINDS])
 KIND_PROBABILITIES = _KIND_WEIGHTS / _KIND_WEIGHTS.sum()
+# How often stage 2's scenes hold 1, 2 and 3 shapes: about a lone shape, "the first shape
+# there" is always the right one to read, a shortcut that scenes of several shapes punish.
+POOL_SHAPE_COUNTS = (0.2, 0.4, 0.4)
 # How often a training grounding question names something that is not there.
 ABSENT_DETECT_RATE = 0.15
 LABEL = 'a demonstration model trained on synthetic shape scenes, not a general model'
+# SmolVLM's template writes "User:" before a message that opens with an image and "User: "
+# before one that opens with text. llama-cpp-python's server hands the template each image
+# as a text part (libmtmd's marker), so the model would get "User: " in front of the image it
+# was trained to see after "User:"; here a user's message always opens with "User:".
+CHAT_TEMPLATE = tiny_tokenizer.CHAT_TEMPLATE.replace(
+    "{% if message['content'][0]['type'] == 'image' %}",
+    "{% if message['role'] == 'user' or message['content'][0]['type'] == 'image' %}")
 # Files of the shipped folder besides the ONNX graphs and GGUF files.
 CONFIG_FILES = ('config.json', 'generation_config.json', 'preprocessor_config.json',
                 'processor_config.json', 'chat_template.json', 'tokenizer.json',
                 'tokenizer_config.json', 'special_tokens_map.json')
 GGUF_FILES = {'f16': 'gguf/model-f16.gguf', 'q8_0': 'gguf/model-q8_0.gguf'}
+# The vision tower and connector for llama.cpp's own projector (libmtmd).
+MMPROJ_FILE = 'gguf/mmproj-f16.gguf'
+# libmtmd, and so llama-cpp-python's server, lays a SmolVLM image out as a 1 x 1 grid of
+# tiles followed by the global image, where the processor of a model without splitting gives
+# the global image alone: training asks this share of questions in libmtmd's layout, so the
+# model answers the same through both.
+MTMD_LAYOUT_RATE = 0.25
+# The separator libmtmd puts between the tiles and the global image; it must be one token
+# of the vocabulary (llama-cpp-python's server passes a missing one on as id -1).
+TILE_SEPARATOR = '\n\n'
 CHECKSUMS = 'checksums.json'
 KEEP = ('MODEL_CARD.md',)
 
@@ -77,8 +100,9 @@ def write_tokenizer(out_dir, seed=0):
     # Box coordinates as whole tokens (the pre-tokenizer splits digits one by one): one
     # token per coordinate is one class to predict, read straight out of an image token.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t in scenes.NUMBER_TOKENS])
-    return tiny_tokenizer.write_tiny_tokenizer(out_dir, tokenizer, sort_keys=True)
+                          for t in scenes.NUMBER_TOKENS + (TILE_SEPARATOR,)])
+    return tiny_tokenizer.write_tiny_tokenizer(out_dir, tokenizer, sort_keys=True,
+                                               chat_template=CHAT_TEMPLATE)
 
 
 def image_seq_len():
@@ -125,20 +149,38 @@ class Examples:
         self.eou_id = self.family.tokenizer.token_to_id(tiny_tokenizer.END_OF_UTTERANCE_TOKEN)
         self.pad_id = self.family.tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
         self._prompts = {}
+        token = self.family.tokenizer.token_to_id
+        image_token = token(tiny_tokenizer.IMAGE_TOKEN)
+        # What libmtmd puts before the global image: the one tile of its 1 x 1 grid.
+        self._tile = ([token(tiny_tokenizer.FAKE_IMAGE_TOKEN), token('<row_1_col_1>')] +
+                      [image_token] * image_seq_len() + [token(TILE_SEPARATOR)])
+        self._global = [token(tiny_tokenizer.FAKE_IMAGE_TOKEN),
+                        token(tiny_tokenizer.GLOBAL_IMAGE_TOKEN)]
         if self.family.do_image_splitting:
             raise ValueError('the default model is trained on single tiles (no splitting)')
 
-    def encode(self, question, answer):
-        """Return (ids, labels) of one training example (one image, then the question)."""
-        prompt = self._prompts.get(question)
+    def encode(self, question, answer, mtmd_layout=False):
+        """
+        Return (ids, labels) of one training example (one image, then the question).
+
+        With ``mtmd_layout`` the image is laid out as libmtmd does (``mtmd_prompt``).
+        """
+        prompt = self._prompts.get((question, mtmd_layout))
         if prompt is None:
             # The prompt ids depend on the question only: one image, one tile.
             blank = np.zeros((TILE, TILE, 3), dtype=np.uint8)
             prompt = self.family.prepare(blank, question).input_ids.tolist()
-            self._prompts[question] = prompt
+            if mtmd_layout:
+                prompt = self.mtmd_prompt(prompt)
+            self._prompts[(question, mtmd_layout)] = prompt
         target = self.family.tokenizer.encode(' ' + answer, add_special_tokens=False)
         target.append(self.eou_id)
         return prompt + target, [-100] * len(prompt) + target
+
+    def mtmd_prompt(self, prompt):
+        """Return the processor's one-image ``prompt`` ids with libmtmd's tile added."""
+        at = next(i for i in range(len(prompt)) if prompt[i:i + 2] == self._global)
+        return prompt[:at] + self._tile + prompt[at:]
 
     def pixels(self, image):
         """Return the engine's pixel_values [1, 3, H, W] of one image."""
@@ -146,7 +188,7 @@ class Examples:
         return vision['pixel_values'][0]
 
     def collate(self, encoded, features):
-        """Pad encoded examples into model inputs; ``features``: their image tokens."""
+        """Pad encoded examples into model inputs; ``features``: their image tokens in order."""
         import torch
 
         length = max(len(ids) for ids, _ in encoded)
@@ -177,14 +219,17 @@ class ScenePool:
         self.scenes, tokens = [], []
         with torch.no_grad():
             for start in range(0, size, chunk):
-                group, pixels = draw_scenes(examples, rng, min(chunk, size - start))
+                group, pixels = draw_scenes(examples, rng, min(chunk, size - start),
+                                            POOL_SHAPE_COUNTS)
                 tokens.append(image_tokens(model, pixels))
                 self.scenes += group
         self.features = torch.cat(tokens)
 
     def batch(self, examples, rng, num_scenes, questions=2, vary=True):
         """Return (model inputs, kinds) of ``questions`` questions on each of ``num_scenes``."""
-        encoded, kinds, rows = [], [], []
+        import torch
+
+        encoded, kinds, features = [], [], []
         for index in rng.integers(len(self.scenes), size=num_scenes):
             for _ in range(questions):
                 kind = scenes.KINDS[int(rng.choice(len(scenes.KINDS), p=KIND_PROBABILITIES))]
@@ -192,10 +237,12 @@ class ScenePool:
                 question = qa.question
                 if vary and kind != 'detect':
                     question = _vary_question(question, rng)
-                encoded.append(examples.encode(question, qa.answer))
+                # libmtmd's tile and global image are the same picture, so the same tokens.
+                mtmd_layout = bool(rng.random() < MTMD_LAYOUT_RATE)
+                encoded.append(examples.encode(question, qa.answer, mtmd_layout))
                 kinds.append(kind)
-                rows.append(int(index))
-        return examples.collate(encoded, self.features[rows]), kinds
+                features += [self.features[index]] * (2 if mtmd_layout else 1)
+        return examples.collate(encoded, torch.cat(features)), kinds
 
 
 def train_size(rng):
@@ -204,11 +251,17 @@ def train_size(rng):
     return int(rng.choice(sides, p=np.array(weights) / sum(weights)))
 
 
-def draw_scenes(examples, rng, count):
-    """Return ``count`` random scenes and their pixel_values [count, 3, H, W] (torch)."""
+def draw_scenes(examples, rng, count, shape_counts=None):
+    """
+    Return ``count`` random scenes and their pixel_values [count, 3, H, W] (torch).
+
+    ``shape_counts``: how often a scene holds 1, 2, ... shapes (default: equally often).
+    """
     import torch
 
-    drawn = [scenes.random_scene(rng) for _ in range(count)]
+    sizes = [None] * count if shape_counts is None else \
+        1 + rng.choice(len(shape_counts), count, p=np.array(shape_counts) / sum(shape_counts))
+    drawn = [scenes.random_scene(rng, None if n is None else int(n)) for n in sizes]
     pixels = [examples.pixels(scenes.render(s, train_size(rng)))[0] for s in drawn]
     return drawn, torch.from_numpy(np.stack(pixels))
 
@@ -470,8 +523,8 @@ def validate(model, batches):
     return {k: float(np.mean(v)) if v else float('nan') for k, v in hits.items()}
 
 
-def train(model_dir, seed=0, steps=3000, batch_size=32, lr=1e-3, warmup=300,
-          vision_steps=2000, pool_size=8000, cycles=2, weight_decay=0.05, threads=1,
+def train(model_dir, seed=0, steps=5000, batch_size=32, lr=1e-3, warmup=300,
+          vision_steps=4000, pool_size=12000, cycles=3, weight_decay=0.05, threads=1,
           log_every=100, eval_every=500, log=print):
     """
     Build and train the model in ``model_dir`` (weights and configs saved there).
@@ -568,7 +621,7 @@ def answer_stage(model, ids, examples, model_dir, seed, cycles, steps, batch_siz
     return accuracy
 
 
-def resume(model_dir, first_cycle, seed=0, cycles=2, threads=2, **kwargs):
+def resume(model_dir, first_cycle, seed=0, cycles=3, threads=2, **kwargs):
     """
     Go on with stage 2 of a run saved in ``model_dir`` after cycle ``first_cycle``.
 
@@ -589,9 +642,9 @@ def resume(model_dir, first_cycle, seed=0, cycles=2, threads=2, **kwargs):
 # Export and shipping ----------------------------------------------------------------------
 
 def export(model_dir):
-    """Export ONNX fp32 + int8 and GGUF f16 + Q8_0 into ``model_dir``; return their paths."""
+    """Export ONNX fp32 + int8, GGUF f16 + Q8_0 and the f16 mmproj; return their paths."""
     from .export_onnx import export_smolvlm_onnx
-    from .gguf_export import export_text_gguf
+    from .gguf_export import export_mmproj_gguf, export_text_gguf
 
     written = dict(export_smolvlm_onnx(model_dir, quantize_int8=True))
     for ftype, rel in GGUF_FILES.items():
@@ -600,6 +653,9 @@ def export(model_dir):
         export_text_gguf(model_dir, path, arch='llama', ftype=ftype,
                          name='vlm_ros-default-shapes')
         written[f'gguf_{ftype}'] = path
+    # libmtmd resizes to the tile's side, as the processor does (preprocessor size).
+    written['mmproj_f16'] = export_mmproj_gguf(model_dir, os.path.join(model_dir, MMPROJ_FILE),
+                                               ftype='f16')
     return written
 
 
@@ -610,7 +666,7 @@ def shipped_files(model_dir):
     files = list(CONFIG_FILES)
     files += [f'onnx/{name}.onnx' for name in GRAPH_NAMES]
     files += [f'onnx/{name}{INT8_SUFFIX}.onnx' for name in GRAPH_NAMES]
-    files += list(GGUF_FILES.values())
+    files += list(GGUF_FILES.values()) + [MMPROJ_FILE]
     return files
 
 
@@ -662,10 +718,10 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='vlm_ros/models/default',
                         help='folder to (re)write with the shipped files')
-    parser.add_argument('--vision-steps', type=int, default=2000, help='stage 1 steps')
-    parser.add_argument('--steps', type=int, default=3000, help='stage 2 steps')
-    parser.add_argument('--pool-size', type=int, default=8000, help='stage 2 scenes')
-    parser.add_argument('--cycles', type=int, default=2, help='stage 2 cycles (warm restarts)')
+    parser.add_argument('--vision-steps', type=int, default=4000, help='stage 1 steps')
+    parser.add_argument('--steps', type=int, default=5000, help='stage 2 steps')
+    parser.add_argument('--pool-size', type=int, default=12000, help='stage 2 scenes')
+    parser.add_argument('--cycles', type=int, default=3, help='stage 2 cycles (warm restarts)')
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--lr', type=float, default=1e-3, help='stage 2 peak learning rate')
     parser.add_argument('--threads', type=int, default=2)

@@ -35,7 +35,7 @@ REQUIRED = ('config.json', 'generation_config.json', 'preprocessor_config.json',
             'MODEL_CARD.md', 'onnx/vision_encoder.onnx', 'onnx/embed_tokens.onnx',
             'onnx/decoder_model_merged.onnx', 'onnx/vision_encoder_int8.onnx',
             'onnx/embed_tokens_int8.onnx', 'onnx/decoder_model_merged_int8.onnx',
-            'gguf/model-f16.gguf', 'gguf/model-q8_0.gguf')
+            'gguf/model-f16.gguf', 'gguf/model-q8_0.gguf', 'gguf/mmproj-f16.gguf')
 MAX_TOTAL_BYTES = 25 * 1024 * 1024
 
 
@@ -81,6 +81,28 @@ def test_preprocessing_is_one_tile_without_splitting():
     assert pre['max_image_size'] == {'longest_edge': tile}
 
 
+def test_libmtmd_lays_the_image_out_as_trained():
+    """llama.cpp's projector path gets the layout training used for it (a tile + global)."""
+    import vlm_ros
+    from vlm_ros_tools.train_default import Examples
+
+    pipe = vlm_ros.pipeline(str(MODEL_DIR), n_threads=1,
+                            **eval_default.PATHS['llama.cpp f16 + mtmd'])
+    examples = Examples(str(MODEL_DIR))
+    question = 'Where is the red square?'
+    plain = examples.family.prepare(np.zeros((96, 96, 3), np.uint8), question).input_ids
+    trained = examples.mtmd_prompt(plain.tolist())
+    assert len(trained) == len(plain) + examples.family.image_seq_len + 3
+    try:
+        for side in (48, 200, 640):
+            image = np.zeros((side, side + 30, 3), np.uint8)
+            request, features = pipe.vision.encode(pipe.family.prepare(image, question))
+            assert request.input_ids.tolist() == trained, side
+            assert len(features) == 2 * examples.family.image_seq_len
+    finally:
+        pipe.close()
+
+
 @pytest.fixture(scope='module')
 def held_out():
     """Greedy answers of every runtime path to the held-out sample."""
@@ -100,22 +122,22 @@ def _flat(answers):
 
 
 def test_fp32_answers_are_correct(held_out):
-    # The model card's held-out figure is 81% (binding a question to one of several shapes
-    # is its weak point): a drop below 75% here is a broken path, not sampling noise.
+    # The model card's held-out figure is 94.8% ("is there" and boxes among three shapes
+    # are its weak points): a drop below 85% here is a broken path, not sampling noise.
     results, items = held_out
     correct, total = results['ONNX fp32']['scores']['overall']
     assert total == NUM_SCENES * len(scenes.KINDS)
-    assert correct / total >= 0.75, eval_default.markdown_table(results)
-    # Colour, shape and count are its strong kinds (92-100% in the model card); 12 questions
-    # each leave room for a JPEG decoder or runtime version turning one or two answers.
-    for kind in ('colour', 'shape', 'count'):
+    assert correct / total >= 0.85, eval_default.markdown_table(results)
+    # Its strong kinds (98.5-100% in the model card); 12 questions each leave room for a
+    # JPEG decoder or runtime version turning one or two answers.
+    for kind in ('colour', 'shape', 'count', 'where'):
         correct, total = results['ONNX fp32']['scores'][kind]
-        assert correct / total >= 0.75, eval_default.markdown_table(results)
+        assert correct / total >= 0.8, eval_default.markdown_table(results)
 
 
 def test_every_path_locates_a_lone_shape():
-    # One shape per scene: the model card's 99%. With several shapes it often gives the
-    # first shape's box (its documented limit), so those are measured there, not here.
+    # One shape per scene: the model card's 97%. Among three shapes it gives another
+    # shape's box about one time in three (its documented limit): measured there.
     rng = scenes.scene_rng(HELD_OUT_SEED, 9)
     items = []
     for _ in range(LONE_SCENES):
@@ -137,17 +159,17 @@ def test_scenes_of_another_renderer_are_answered(drawn):
     for path, res in results.items():
         correct, total = res['scores']['overall']
         assert total == DRAWN_SCENES * len(drawn_scenes.KINDS)
-        assert correct / total >= 0.7, f'{path}\n' + eval_default.markdown_table(results)
+        assert correct / total >= 0.8, f'{path}\n' + eval_default.markdown_table(results)
         for kind in ('colour', 'shape', 'count'):
             correct, total = res['scores'][kind]
-            assert correct / total >= 0.75, f'{path}\n' + eval_default.markdown_table(results)
+            assert correct / total >= 0.8, f'{path}\n' + eval_default.markdown_table(results)
 
 
 def test_every_path_answers_correctly(held_out):
     results, _ = held_out
     for path, res in results.items():
         correct, total = res['scores']['overall']
-        assert correct / total >= 0.7, f'{path}\n' + eval_default.markdown_table(results)
+        assert correct / total >= 0.85, f'{path}\n' + eval_default.markdown_table(results)
 
 
 def test_fp32_and_f16_give_the_same_answers(held_out):
@@ -236,14 +258,17 @@ def _wait(condition, timeout=60.0):
 def test_node_detects_a_shape_with_the_embedded_default(node_process, ros_client):
     from vlm_ros_interfaces.srv import Detect
 
-    # Lone shapes: with several, the model often boxes the first one (its model card).
+    # Two lone shapes, then the last of the bundled sample's three (not the first one a
+    # model ignoring the label would box).
     rng = scenes.scene_rng(NODE_SCENE_SEED, 7)
     side = 200
     node = node_process('-p', 'max_new_tokens:=40')
     assert node.wait_for_output('sessions created', timeout=60), node.output()
-    for form in ('{colour} {shape}', '{shape}'):
-        scene = scenes.random_scene(rng, count=1)
-        item = scene.items[0]
+    cases = [(scenes.random_scene(rng, count=1), form, side)
+             for form in ('{colour} {shape}', '{shape}')]
+    cases.append((scenes.sample_scene(), '{colour} {shape}', scenes.SAMPLE_SIZE))
+    for scene, form, side in cases:
+        item = scene.items[-1]
         label = form.format(colour=item.colour, shape=item.shape)
         request = Detect.Request(image=_image_msg(scenes.render(scene, side)), labels=[label])
         response = ros_client.call(Detect, '/vlm_node/detect', request, timeout=120)

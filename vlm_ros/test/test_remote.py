@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 
+from conftest import REPO
 import httpx
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -38,11 +39,12 @@ from vlm_ros.engine.errors import (RemoteConfigError, RemoteRequestError, Remote
                                    RemoteStreamError, RemoteTimeoutError,
                                    RemoteUnreachableError)
 from vlm_ros.engine.remote import check_remote_settings, RemoteClient
-from vlm_ros_interfaces.srv import Query
+from vlm_ros_interfaces.srv import Detect, Query
 
 pytest.importorskip('llama_cpp.server')
 openai = pytest.importorskip('openai')
 pytest.importorskip('torch')
+from vlm_ros_tools import eval_default, scenes  # noqa: E402
 from vlm_ros_tools.export_onnx import cached_test_model  # noqa: E402
 from vlm_ros_tools.gguf_export import cached_mmproj, export_text_gguf  # noqa: E402
 
@@ -57,6 +59,10 @@ LONG = {'max_new_tokens': 400, 'repetition_penalty': 0.8}
 # The same, short enough that the server, which only notices a closed stream when it next
 # writes, is done with it at once.
 SHORTER = {'max_new_tokens': 80, 'repetition_penalty': 0.8}
+# The embedded default model as llama.cpp files: language model and projector (mmproj).
+DEFAULT_MODEL = REPO / 'vlm_ros' / 'models' / 'default'
+DEFAULT_GGUF = 'gguf/model-f16.gguf'
+DEFAULT_MMPROJ = 'gguf/mmproj-f16.gguf'
 
 
 def frame(seed=0, width=96, height=72):
@@ -149,6 +155,15 @@ def server(served_model, tmp_path_factory):
     srv.kill()
 
 
+@pytest.fixture(scope='module')
+def default_server(tmp_path_factory):
+    """Serve the embedded default model's GGUF and mmproj, as shipped."""
+    files = (str(DEFAULT_MODEL / DEFAULT_GGUF), str(DEFAULT_MODEL / DEFAULT_MMPROJ))
+    srv = LlamaServer(files, free_port(), tmp_path_factory.mktemp('default_server')).start()
+    yield srv
+    srv.kill()
+
+
 @pytest.fixture
 def own_server(served_model, tmp_path):
     """Return a server of the test's own, not started, to kill and restart at will."""
@@ -205,6 +220,8 @@ def openai_reference(server, messages, **settings):
     comes from an unstreamed request, because this server sends none in streams.
     """
     client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+    # The runtime always sends llama.cpp's repeat_penalty (this server's default is 1.1).
+    settings.setdefault('extra_body', {'repeat_penalty': 1.0})
     stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True,
                                             stream_options={'include_usage': True},
                                             **settings)
@@ -220,13 +237,16 @@ def openai_reference(server, messages, **settings):
 def test_answers_equal_the_openai_client(server, key_env):
     runtime = RemoteClient(server.url, MODEL, api_key_env=key_env)
     system = 'Answer briefly.'
+    # With this server's own repeat penalty, 1.1, every token of these answers streams as a
+    # chunk of its own (the token count below is one per chunk).
     for rgb, prompt, seed in ((frame(0), PROMPT, 3), (frame(1), 'Describe this image.', 11)):
         deltas = []
         result = runtime.generate(rgb, prompt, system, max_new_tokens=TOKENS, temperature=0.0,
-                                  seed=seed, on_text=deltas.append)
+                                  seed=seed, repetition_penalty=1.1, on_text=deltas.append)
         messages = [{'role': 'system', 'content': system}, user_message(rgb, prompt)]
         text, finish, usage = openai_reference(
-            server, messages, max_tokens=TOKENS, temperature=0.0, top_p=1.0, seed=seed)
+            server, messages, max_tokens=TOKENS, temperature=0.0, top_p=1.0, seed=seed,
+            extra_body={'repeat_penalty': 1.1})
         assert result.text == text
         assert ''.join(deltas) == result.text and len(deltas) > 1
         assert result.finish_reason == finish == 'length'
@@ -257,7 +277,8 @@ def test_request_mapping_and_image_encoding(tmp_path):
                                                  seed=4, stop=('###',)))
     assert body == {'model': 'm', 'messages': [], 'max_tokens': 7, 'temperature': 0.5,
                     'top_p': 0.9, 'seed': 4, 'stop': ['###'], 'stream': True,
-                    'stream_options': {'include_usage': True}}
+                    'stream_options': {'include_usage': True}, 'repetition_penalty': 1.0,
+                    'repeat_penalty': 1.0}
     extra = runtime.request_body(GenerationConfig(top_k=20, repetition_penalty=1.2))
     assert extra['top_k'] == 20 and extra['repetition_penalty'] == extra['repeat_penalty'] == 1.2
     assert 'seed' not in extra and 'stop' not in extra
@@ -523,3 +544,60 @@ def test_node_configure_checks_remote_settings(node_process, monkeypatch):
     node = node_process(*remote_args('http://127.0.0.1:9/v1'), name='no_key')
     assert node.wait_for_output(f'configure failed: remote_api_key_env names the environment '
                                 f'variable {KEY_ENV}, which is not set')
+
+
+def test_node_detections_through_the_server_equal_the_engines(
+        default_server, node_process, ros_client):
+    """
+    ~/detect through the server gives the boxes the engine gives on the same files.
+
+    The server runs the default model's GGUF and mmproj; the reference is the engine's own
+    llama.cpp + libmtmd path on those files, asked about the picture the server receives
+    (PNG: pixel for pixel; the larger scene downscaled first, as the backend sends it).
+    Boxes come back on the image the caller sent, and find the shape.
+    """
+    import vlm_ros
+    from vlm_ros.engine import grounding
+
+    max_side = 160
+    node = node_process(*remote_args(default_server.url, '-p', 'max_new_tokens:=48', '-p',
+                                     'remote_image_format:=png', '-p',
+                                     f'remote_image_max_side:={max_side}'),
+                        env={KEY_ENV: KEY})
+    assert wait_active(ros_client), node.output()
+    engine = vlm_ros.pipeline(str(DEFAULT_MODEL), vision_model=DEFAULT_MMPROJ,
+                              decoder_model=DEFAULT_GGUF, n_threads=1, max_new_tokens=48)
+    sender = RemoteClient(default_server.url, MODEL, image_max_side=max_side)
+    # Lone shapes, which the model boxes reliably (its model card).
+    rng = scenes.scene_rng(1, 12)
+    try:
+        for side in (128, 400):
+            scene = scenes.random_scene(rng, count=1)
+            item = scene.items[0]
+            label = f'{item.colour} {item.shape}'
+            rgb = scenes.render(scene, side)
+            response = ros_client.call(Detect, '/vlm_node/detect',
+                                       Detect.Request(image=image_msg(rgb), labels=[label]),
+                                       timeout=60)
+            assert response.success, response.error
+            seen = sender.sent_size(side, side)
+            assert (seen[0] < side) == (side > max_side)
+            picture = rgb if seen == (side, side) else np.asarray(
+                PilImage.fromarray(rgb).resize(seen, PilImage.LANCZOS))
+            questions = grounding.prompts(grounding.INTERNVL_PROMPT, [label])
+            reference = grounding.detect(engine, [picture], questions)
+            assert response.text == reference.text, (side, label)
+            scale = side / seen[0]
+            [expected] = reference.detections
+            [found] = response.detections.detections
+            assert found.label == expected.label == label
+            assert found.center_x == pytest.approx((expected.x1 + expected.x2) / 2 * scale)
+            assert found.center_y == pytest.approx((expected.y1 + expected.y2) / 2 * scale)
+            assert found.size_x == pytest.approx((expected.x2 - expected.x1) * scale)
+            assert found.size_y == pytest.approx((expected.y2 - expected.y1) * scale)
+            box = (found.center_x - found.size_x / 2, found.center_y - found.size_y / 2,
+                   found.center_x + found.size_x / 2, found.center_y + found.size_y / 2)
+            truth = tuple(v * side for v in item.box)
+            assert eval_default.iou(box, truth) >= 0.5, (response.text, truth)
+    finally:
+        engine.close()

@@ -43,7 +43,7 @@ def build(spec: ModelSpec, *, n_threads: int = 0, n_ctx: int = 0,
                             connect_timeout_s=r.connect_timeout_s,
                             read_timeout_s=r.read_timeout_s, max_retries=r.max_retries,
                             image_max_side=r.image_max_side, defaults=defaults,
-                            box_format=r.box_format)
+                            box_format=r.box_format, image_format=r.image_format)
     from vlm_ros.engine.pipeline import Pipeline
     memory.map_big_blocks()
     max_beams = max(max_beams, defaults.num_beams)

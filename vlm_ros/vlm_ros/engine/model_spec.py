@@ -42,6 +42,8 @@ class RemoteSettings:
     image_max_side: int = 1024
     box_format: str = 'normalized_1000'
     """How the served model writes boxes (``engine.grounding.BOX_FORMATS``)."""
+    image_format: str = 'jpeg'
+    """How images travel: ``jpeg`` or ``png`` (lossless)."""
 
 
 @dataclass(frozen=True)

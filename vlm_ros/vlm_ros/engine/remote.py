@@ -194,11 +194,11 @@ class RemoteClient(Answerer):
             body['stop'] = list(config.stop)
         if config.top_k > 0:
             body['top_k'] = config.top_k
-        if config.repetition_penalty != 1.0:
-            body['repetition_penalty'] = config.repetition_penalty
-            # llama.cpp's servers (llama-server, llama-cpp-python) read this name instead;
-            # each family ignores the other's field.
-            body['repeat_penalty'] = config.repetition_penalty
+        # Sent even at 1.0 (off): llama-cpp-python's server otherwise applies its own 1.1.
+        # llama.cpp's servers (llama-server, llama-cpp-python) read ``repeat_penalty``, vLLM
+        # and LMDeploy ``repetition_penalty``; each ignores the other's field.
+        body['repetition_penalty'] = config.repetition_penalty
+        body['repeat_penalty'] = config.repetition_penalty
         if config.min_new_tokens > 0:
             body['min_tokens'] = config.min_new_tokens
         if config.ignore_eos:

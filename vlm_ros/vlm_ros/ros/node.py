@@ -156,7 +156,8 @@ class VlmNode(Node):
                 connect_timeout_s=cfg['remote_connect_timeout_s'],
                 read_timeout_s=cfg['remote_read_timeout_s'],
                 max_retries=cfg['remote_max_retries'],
-                image_max_side=cfg['remote_image_max_side'], box_format=cfg['box_format'])
+                image_max_side=cfg['remote_image_max_side'], box_format=cfg['box_format'],
+                image_format=cfg['remote_image_format'])
         share = share_dir()
         return resolve(cfg['model_dir'] or None, vision_model=cfg['model_file_name'] or None,
                        decoder_model=cfg['llm_model_name'] or None,

@@ -179,6 +179,9 @@ SPECS = (
     Spec('remote_max_retries', 2, 'Retries on connection errors only.', bounds=(0, 10)),
     Spec('remote_image_max_side', 1024, 'Longest image side sent to the server, in pixels.',
          bounds=(16, 8192)),
+    Spec('remote_image_format', 'jpeg', 'How images are sent to the server: jpeg (quality '
+         '90, small) or png (lossless: the server sees the pixels a local model would).',
+         choices=('jpeg', 'png'), read_only=True),
     Spec('box_format', 'normalized_1000', 'backend remote: how the served model writes boxes: '
          'normalized_1000 (0-1000 of the image: InternVL, Qwen2-VL) or absolute (pixels of '
          'the image it saw: Qwen2.5-VL, VLM-R1; images are then sent on its resize grid). '
