@@ -251,17 +251,24 @@ def test_cancel_stops_within_a_step_with_the_partial_text(node, longest):
 
 def test_queued_goal_cancelled_never_runs_and_full_queue_rejects(node, longest):
     _, client = node('-p', 'max_new_tokens:=4000', '-p', 'queue_size:=2')
-    running = Goal(client, Generate.Goal(images=[image_msg(longest[0])], prompt=LONG))
-    deadline = time.monotonic() + 30
-    while not any(f.phase == 'decode' for f in running.feedback):  # it holds the worker now
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    queued = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
-    assert running.accepted and queued.accepted
-    rejected = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
-    assert not rejected.accepted
-    queued.cancel()
-    status, result = queued.result(timeout=5)
+    # The long answer takes about a second; on a busy machine the three goal round trips
+    # below can outlast it, and the queued goal then rightly runs. That is a missed setup,
+    # not a failure: it is told apart by both goals succeeding, and tried again.
+    for attempt in range(3):
+        running = Goal(client, Generate.Goal(images=[image_msg(longest[0])], prompt=LONG))
+        deadline = time.monotonic() + 30
+        while not any(f.phase == 'decode' for f in running.feedback):  # it holds the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        queued = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
+        assert running.accepted and queued.accepted
+        rejected = Goal(client, Generate.Goal(images=[image_msg(frame())], prompt=PROMPT))
+        assert not rejected.accepted
+        queued.cancel()
+        status, result = queued.result(timeout=5)
+        if status != GoalStatus.STATUS_SUCCEEDED:
+            break
+        assert running.result(timeout=5)[0] == GoalStatus.STATUS_SUCCEEDED, attempt
     assert status == GoalStatus.STATUS_CANCELED and 'before it started' in result.error
     deadline = time.monotonic() + 5.0  # the result may overtake the feedback
     while not queued.feedback and time.monotonic() < deadline:
